@@ -1,0 +1,272 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+
+class Algorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ALGORITHM_UNSPECIFIED: _ClassVar[Algorithm]
+    FEDMOE_DA: _ClassVar[Algorithm]
+    FEDAVG: _ClassVar[Algorithm]
+    LOCAL: _ClassVar[Algorithm]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+BFLOAT16: DType
+FLOAT64: DType
+INT64: DType
+INT32: DType
+UINT8: DType
+ALGORITHM_UNSPECIFIED: Algorithm
+FEDMOE_DA: Algorithm
+FEDAVG: Algorithm
+LOCAL: Algorithm
+
+class TensorChunk(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "offset", "total_bytes", "data", "crc32")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    total_bytes: int
+    data: bytes
+    crc32: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+
+class RunConfig(_message.Message):
+    __slots__ = ("run_id", "algorithm", "peers", "rounds", "seed", "dataset", "data_dir", "alpha", "embed_dim", "num_experts", "top_k", "expert_hidden", "balance_coef", "local_epochs", "batch_size", "lr", "momentum", "neighbors", "temperature", "sync_every", "intra_peer", "chunk_bytes", "expert_wire_dtype")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    EMBED_DIM_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_COEF_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_EVERY_FIELD_NUMBER: _ClassVar[int]
+    INTRA_PEER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    algorithm: Algorithm
+    peers: int
+    rounds: int
+    seed: int
+    dataset: str
+    data_dir: str
+    alpha: float
+    embed_dim: int
+    num_experts: int
+    top_k: int
+    expert_hidden: int
+    balance_coef: float
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    neighbors: int
+    temperature: float
+    sync_every: int
+    intra_peer: bool
+    chunk_bytes: int
+    expert_wire_dtype: DType
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., peers: _Optional[int] = ..., rounds: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., data_dir: _Optional[str] = ..., alpha: _Optional[float] = ..., embed_dim: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_hidden: _Optional[int] = ..., balance_coef: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., neighbors: _Optional[int] = ..., temperature: _Optional[float] = ..., sync_every: _Optional[int] = ..., intra_peer: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., expert_wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("index", "advertise")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    advertise: str
+    def __init__(self, index: _Optional[int] = ..., advertise: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("peer_id", "config", "start_round")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    START_ROUND_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    config: RunConfig
+    start_round: int
+    def __init__(self, peer_id: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., start_round: _Optional[int] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("peer_id", "round", "num_samples")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    round: int
+    num_samples: int
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ...) -> None: ...
+
+class UpdatePart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class UpdateAck(_message.Message):
+    __slots__ = ("round", "tensors")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    tensors: int
+    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[int] = ...) -> None: ...
+
+class RoundRequest(_message.Message):
+    __slots__ = ("peer_id", "round")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    round: int
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class PlanTerm(_message.Message):
+    __slots__ = ("peer_id", "expert", "weight")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    expert: int
+    weight: float
+    def __init__(self, peer_id: _Optional[str] = ..., expert: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class PlanRow(_message.Message):
+    __slots__ = ("expert", "terms")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    terms: _containers.RepeatedCompositeFieldContainer[PlanTerm]
+    def __init__(self, expert: _Optional[int] = ..., terms: _Optional[_Iterable[_Union[PlanTerm, _Mapping]]] = ...) -> None: ...
+
+class PeerAddress(_message.Message):
+    __slots__ = ("peer_id", "address")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    address: str
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class ServeOrder(_message.Message):
+    __slots__ = ("peer_id", "experts")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, peer_id: _Optional[str] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Plan(_message.Message):
+    __slots__ = ("round", "embedding_version", "sync", "rows", "sources", "serves")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    SERVES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    embedding_version: int
+    sync: bool
+    rows: _containers.RepeatedCompositeFieldContainer[PlanRow]
+    sources: _containers.RepeatedCompositeFieldContainer[PeerAddress]
+    serves: _containers.RepeatedCompositeFieldContainer[ServeOrder]
+    def __init__(self, round: _Optional[int] = ..., embedding_version: _Optional[int] = ..., sync: _Optional[bool] = ..., rows: _Optional[_Iterable[_Union[PlanRow, _Mapping]]] = ..., sources: _Optional[_Iterable[_Union[PeerAddress, _Mapping]]] = ..., serves: _Optional[_Iterable[_Union[ServeOrder, _Mapping]]] = ...) -> None: ...
+
+class RoundResultPart(_message.Message):
+    __slots__ = ("plan", "chunk")
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    plan: Plan
+    chunk: TensorChunk
+    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class ByteCounts(_message.Message):
+    __slots__ = ("coordinator_sent", "coordinator_received", "p2p_sent", "p2p_received")
+    COORDINATOR_SENT_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    P2P_SENT_FIELD_NUMBER: _ClassVar[int]
+    P2P_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    coordinator_sent: int
+    coordinator_received: int
+    p2p_sent: int
+    p2p_received: int
+    def __init__(self, coordinator_sent: _Optional[int] = ..., coordinator_received: _Optional[int] = ..., p2p_sent: _Optional[int] = ..., p2p_received: _Optional[int] = ...) -> None: ...
+
+class MetricsReport(_message.Message):
+    __slots__ = ("peer_id", "round", "accuracy", "loss", "global_accuracy", "bytes", "seconds", "train_seconds", "exchange_seconds", "experts_fetched", "num_samples")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    round: int
+    accuracy: float
+    loss: float
+    global_accuracy: float
+    bytes: ByteCounts
+    seconds: float
+    train_seconds: float
+    exchange_seconds: float
+    experts_fetched: int
+    num_samples: int
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., global_accuracy: _Optional[float] = ..., bytes: _Optional[_Union[ByteCounts, _Mapping]] = ..., seconds: _Optional[float] = ..., train_seconds: _Optional[float] = ..., exchange_seconds: _Optional[float] = ..., experts_fetched: _Optional[int] = ..., num_samples: _Optional[int] = ...) -> None: ...
+
+class MetricsAck(_message.Message):
+    __slots__ = ("round", "run_finished")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    run_finished: bool
+    def __init__(self, round: _Optional[int] = ..., run_finished: _Optional[bool] = ...) -> None: ...
+
+class ExpertRequest(_message.Message):
+    __slots__ = ("requester_id", "round", "experts")
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    requester_id: str
+    round: int
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, requester_id: _Optional[str] = ..., round: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...

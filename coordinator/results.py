@@ -1,0 +1,101 @@
+"""The run directory: config.json, metrics.jsonl (one record per peer per round), summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from common.config import algorithm_name, config_to_dict
+from common.proto import pb
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write to a temporary file, fsync, then rename: readers never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+class RunResults:
+    def __init__(self, out_dir: Path, cfg: pb.RunConfig, progress: TextIO = sys.stdout) -> None:
+        self.out_dir = out_dir
+        self.cfg = cfg
+        self.progress = progress
+        self.records: list[dict[str, Any]] = []
+        self.started = time.time()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        atomic_write_json(out_dir / "config.json", config_to_dict(cfg))
+
+    def write_round(self, round_: int, records: list[dict[str, Any]]) -> None:
+        with open(self.metrics_path, "a") as f:
+            for rec in records:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.extend(records)
+        n = len(records)
+        acc = sum(r["accuracy"] for r in records) / n
+        gacc = sum(r["global_accuracy"] for r in records) / n
+        coord = sum(r["bytes"]["coordinator_sent"] + r["bytes"]["coordinator_received"] for r in records)
+        p2p = sum(r["bytes"]["p2p_sent"] + r["bytes"]["p2p_received"] for r in records)
+        secs = max(r["seconds"] for r in records)
+        print(
+            f"[{algorithm_name(self.cfg)}] round {round_}/{self.cfg.rounds}  "
+            f"acc {acc:.4f}  global {gacc:.4f}  coordinator {_mb(coord)}  p2p {_mb(p2p)}  "
+            f"{secs:.1f} s",
+            file=self.progress,
+            flush=True,
+        )
+
+    def summary(self, extra: dict[str, Any]) -> dict[str, Any]:
+        final = [r for r in self.records if r["round"] == self.cfg.rounds]
+        totals = {"coordinator_sent": 0, "coordinator_received": 0, "p2p_sent": 0, "p2p_received": 0}
+        for rec in self.records:
+            for key in totals:
+                totals[key] += rec["bytes"][key]
+
+        def mean(key: str) -> float | None:
+            return sum(r[key] for r in final) / len(final) if final else None
+
+        return {
+            "algorithm": algorithm_name(self.cfg),
+            "peers": self.cfg.peers,
+            "rounds": self.cfg.rounds,
+            "rounds_completed": max((r["round"] for r in self.records), default=0),
+            "dataset": self.cfg.dataset,
+            "run_id": self.cfg.run_id,
+            "final_accuracy_mean": mean("accuracy"),
+            "final_global_accuracy_mean": mean("global_accuracy"),
+            "final_accuracy_by_peer": {r["peer"]: r["accuracy"] for r in final},
+            "bytes": {
+                "coordinator": totals["coordinator_sent"] + totals["coordinator_received"],
+                "p2p": totals["p2p_sent"] + totals["p2p_received"],
+            },
+            "bytes_by_direction": totals,
+            "bytes_note": (
+                "application bytes: protobuf-serialized size of every gRPC message, counted by "
+                "each peer (sent plus received, all peers, all rounds)"
+            ),
+            "seconds": round(time.time() - self.started, 3),
+            "config": config_to_dict(self.cfg),
+            **extra,
+        }
+
+    def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
+        data = self.summary(extra)
+        atomic_write_json(self.out_dir / "summary.json", data)
+        return data

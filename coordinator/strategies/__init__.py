@@ -1,0 +1,19 @@
+"""Aggregation strategies, one per file, behind `Strategy.aggregate(round, updates)`."""
+
+from __future__ import annotations
+
+from common.proto import pb
+from coordinator.strategies.base import PeerUpdate, RoundOutcome, Strategy, Term
+from coordinator.strategies.fedavg import FedAvg, Local
+from coordinator.strategies.fedmoe_da import FedMoEDA
+
+
+def make_strategy(cfg: pb.RunConfig) -> Strategy:
+    if cfg.algorithm == pb.FEDMOE_DA:
+        return FedMoEDA(cfg.neighbors, cfg.temperature, cfg.sync_every, cfg.intra_peer)
+    if cfg.algorithm == pb.FEDAVG:
+        return FedAvg()
+    return Local()
+
+
+__all__ = ["FedAvg", "FedMoEDA", "Local", "PeerUpdate", "RoundOutcome", "Strategy", "Term"]

@@ -1,0 +1,37 @@
+"""The strategy interface: how the coordinator turns a round's uploads into what goes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PeerUpdate:
+    peer_id: str
+    num_samples: int
+    tensors: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Term:
+    """One source expert of Eq. 11 and its weight."""
+
+    peer_id: str
+    expert: int
+    weight: float
+
+
+@dataclass
+class RoundOutcome:
+    # Tensors every peer receives (the averaged embedding, or the whole model for fedavg).
+    shared: dict[str, np.ndarray] = field(default_factory=dict)
+    sync: bool = False
+    # peer_id -> own expert m -> terms (rows of the aggregation matrix A).
+    plans: dict[str, dict[int, list[Term]]] = field(default_factory=dict)
+
+
+class Strategy(Protocol):
+    def aggregate(self, round_: int, updates: list[PeerUpdate]) -> RoundOutcome: ...

@@ -1,0 +1,53 @@
+"""Fetching experts from other peers: one long-lived channel per source address."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import grpc
+
+from common.accounting import ByteCounter
+from common.grpc_options import CHANNEL_OPTIONS
+from common.proto import pb, rpc
+from common.tensors import TensorAssembler, TensorSpec, WireLimits, WireTensor
+
+
+class ExpertClient:
+    def __init__(self, counter: ByteCounter, timeout: float, limits: WireLimits | None = None):
+        self.counter = counter
+        self.timeout = timeout
+        self.limits = limits or WireLimits()
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def _stub(self, address: str) -> rpc.ExpertExchangeStub:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self._channels[address] = channel
+        return rpc.ExpertExchangeStub(channel)
+
+    def fetch(
+        self,
+        address: str,
+        requester_id: str,
+        round_: int,
+        experts: list[int],
+        expected: Mapping[str, TensorSpec],
+    ) -> dict[str, WireTensor]:
+        """Stream the experts in; every tensor is validated against `expected` before use."""
+        request = pb.ExpertRequest(requester_id=requester_id, round=round_, experts=experts)
+        self.counter.message(round_, "p2p", "sent", request)
+        assembler = TensorAssembler(self.limits, expected)
+        for chunk in self._stub(address).FetchExperts(request, timeout=self.timeout):
+            self.counter.message(round_, "p2p", "received", chunk)
+            assembler.add(chunk)
+        return assembler.finish()
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()

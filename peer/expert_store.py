@@ -1,0 +1,79 @@
+"""What a peer serves to others: its expert snapshots per round, and the plan's serve orders.
+
+No gRPC here; the ExpertExchange service (peer/expert_service.py) asks this store what to send.
+A request is served only if the coordinator's plan for that round orders it: the requester and
+the experts must match a serve order, and each order is served once.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from common.tensors import WireTensor
+
+
+class ServeRefused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ExpertStore:
+    def __init__(self, wait_timeout: float = 600.0) -> None:
+        self.wait_timeout = wait_timeout
+        self._cv = threading.Condition()
+        self._snapshots: dict[int, dict[int, list[WireTensor]]] = {}
+        self._orders: dict[int, dict[str, set[int]]] = {}
+        self._served: dict[int, set[str]] = {}
+
+    def publish(self, round_: int, experts: dict[int, list[WireTensor]]) -> None:
+        with self._cv:
+            self._snapshots[round_] = experts
+            self._cv.notify_all()
+
+    def set_orders(self, round_: int, orders: dict[str, list[int]]) -> None:
+        with self._cv:
+            self._orders[round_] = {r: set(e) for r, e in orders.items()}
+            self._served.setdefault(round_, set())
+            self._cv.notify_all()
+
+    def take(self, round_: int, requester: str, experts: list[int]) -> list[WireTensor]:
+        """The tensors to stream for one request; waits (bounded) until this peer has its plan."""
+        with self._cv:
+            # The requester may get its plan before this peer has read its own: wait for it.
+            if not self._cv.wait_for(lambda: round_ in self._orders, timeout=self.wait_timeout):
+                raise ServeRefused("UNAVAILABLE", f"no plan for round {round_} on this peer yet")
+            order = self._orders[round_].get(requester)
+            if order is None:
+                raise ServeRefused(
+                    "PERMISSION_DENIED", f"{requester!r} is not planned to fetch from me in round {round_}"
+                )
+            if requester in self._served[round_]:
+                raise ServeRefused("ALREADY_EXISTS", f"{requester!r} already fetched round {round_}")
+            if set(experts) != order:
+                raise ServeRefused(
+                    "INVALID_ARGUMENT",
+                    f"requested experts {sorted(set(experts))}, the plan orders {sorted(order)}",
+                )
+            snapshot = self._snapshots.get(round_)
+            if snapshot is None:
+                raise ServeRefused("NOT_FOUND", f"no expert snapshot for round {round_}")
+            return [t for m in sorted(order) for t in snapshot[m]]
+
+    def mark_served(self, round_: int, requester: str) -> None:
+        with self._cv:
+            self._served.setdefault(round_, set()).add(requester)
+            self._cv.notify_all()
+
+    def wait_all_served(self, round_: int, timeout: float) -> list[str]:
+        """Wait until every ordered requester was served; returns those that never came."""
+        with self._cv:
+            orders = self._orders.get(round_, {})
+            self._cv.wait_for(lambda: set(orders) <= self._served.get(round_, set()), timeout)
+            return sorted(set(orders) - self._served.get(round_, set()))
+
+    def drop(self, round_: int) -> None:
+        with self._cv:
+            self._snapshots.pop(round_, None)
+            self._orders.pop(round_, None)
+            self._served.pop(round_, None)

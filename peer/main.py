@@ -1,0 +1,96 @@
+"""`fedmoe peer`: join the run, serve experts to other peers, train, exit 0 when the run is over."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+import torch
+
+from common.accounting import ByteCounter
+from common.data import load_peer_data
+from common.grpc_options import SERVER_OPTIONS
+from common.netaddr import is_loopback_listen, split_host_port
+from common.proto import rpc
+from peer.coordinator_client import CoordinatorClient
+from peer.expert_client import ExpertClient
+from peer.expert_service import ExpertExchangeService
+from peer.expert_store import ExpertStore
+from peer.runner import PeerRunner
+from peer.trainer import LocalTrainer, build_model
+
+log = logging.getLogger("fedmoe.peer")
+
+WILDCARDS = {"0.0.0.0", "::", ""}
+
+
+def check_device(device: str) -> str:
+    """Fail at start, with a clear message, when the asked device is not there."""
+    if device == "cpu":
+        return device
+    if not device.startswith("cuda:") or not device[5:].isdigit():
+        raise SystemExit(f"peer: --device must be cpu or cuda:N, not {device!r}")
+    index = int(device[5:])
+    if not torch.cuda.is_available():
+        raise SystemExit(f"peer: --device {device} asked, but no CUDA GPU is available here")
+    if index >= torch.cuda.device_count():
+        raise SystemExit(
+            f"peer: --device {device} asked, but only {torch.cuda.device_count()} GPU(s) exist"
+        )
+    return device
+
+
+def run_peer(
+    coordinator: str,
+    listen: str,
+    advertise: str | None,
+    index: int,
+    device: str,
+    data_dir: str | None,
+    timeout: float,
+    threads: int | None,
+) -> int:
+    device = check_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    host, _ = split_host_port(listen)
+    if advertise is None and host in WILDCARDS:
+        raise SystemExit("peer: --advertise HOST:PORT is required when listening on all interfaces")
+    if not is_loopback_listen(listen):
+        log.warning("serving experts on %s without TLS: traffic is not encrypted", listen)
+
+    counter = ByteCounter()
+    store = ExpertStore(wait_timeout=timeout)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
+    coord = CoordinatorClient(coordinator, counter, chunk_bytes=1 << 20, timeout=timeout)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as e:
+        raise SystemExit(f"peer: cannot listen on {listen}: {e}") from e
+    advertise = advertise or f"{host}:{port}"
+
+    # Joining first tells us the chunk size; the service is registered before the server starts.
+    service = ExpertExchangeService(store, counter, chunk_bytes=1 << 20)
+    rpc.add_ExpertExchangeServicer_to_server(service, server)
+    server.start()
+    try:
+        reply = coord.join(index, advertise, connect_timeout=timeout)
+        cfg = reply.config
+        service.chunk_bytes = coord.chunk_bytes = cfg.chunk_bytes
+        log.info("joined as %s, run %s, serving experts at %s", reply.peer_id, cfg.run_id, advertise)
+        data = load_peer_data(
+            cfg.dataset, data_dir or cfg.data_dir or None, cfg.peers, index, cfg.alpha, cfg.seed
+        )
+        trainer = LocalTrainer(build_model(cfg, data), data, cfg, device, index)
+        runner = PeerRunner(
+            cfg, reply.peer_id, trainer, coord, ExpertClient(counter, timeout), store, counter, timeout
+        )
+        runner.run(reply.start_round)
+    except grpc.RpcError as e:
+        raise SystemExit(f"peer {index}: {e.code().name}: {e.details()}") from e
+    finally:
+        server.stop(grace=2).wait()
+        coord.close()
+    log.info("run finished")
+    return 0
