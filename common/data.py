@@ -6,8 +6,8 @@ partition without exchanging any data; each then keeps only its own rows.
 
 from __future__ import annotations
 
-import pickle
 import os
+import pickle
 import socket
 import urllib.request
 from dataclasses import dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from common.proto import pb
-from common.tensors import DTYPES, WireError, WireTensor
+from common.tensors import WireError, WireTensor
 
 TORCH_DTYPES: dict[int, torch.dtype] = {
     pb.FLOAT32: torch.float32,
@@ -32,11 +32,9 @@ def torch_to_wire(name: str, tensor: torch.Tensor, dtype: int | None = None) -> 
 
 def wire_to_torch(tensor: WireTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode to a CPU tensor, optionally cast (e.g. bf16 on the wire, float32 in the model)."""
-    info = DTYPES[tensor.dtype]
     buf = tensor.data if isinstance(tensor.data, bytearray) else bytearray(tensor.data)
     if len(buf) == 0:
         out = torch.empty(tensor.shape, dtype=TORCH_DTYPES[tensor.dtype])
     else:
         out = torch.frombuffer(buf, dtype=TORCH_DTYPES[tensor.dtype]).reshape(tensor.shape)
-    del info
     return out if dtype is None else out.to(dtype)

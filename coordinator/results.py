@@ -50,7 +50,9 @@ class RunResults:
         n = len(records)
         acc = sum(r["accuracy"] for r in records) / n
         gacc = sum(r["global_accuracy"] for r in records) / n
-        coord = sum(r["bytes"]["coordinator_sent"] + r["bytes"]["coordinator_received"] for r in records)
+        coord = sum(
+            r["bytes"]["coordinator_sent"] + r["bytes"]["coordinator_received"] for r in records
+        )
         p2p = sum(r["bytes"]["p2p_sent"] + r["bytes"]["p2p_received"] for r in records)
         secs = max(r["seconds"] for r in records)
         print(
@@ -63,7 +65,12 @@ class RunResults:
 
     def summary(self, extra: dict[str, Any]) -> dict[str, Any]:
         final = [r for r in self.records if r["round"] == self.cfg.rounds]
-        totals = {"coordinator_sent": 0, "coordinator_received": 0, "p2p_sent": 0, "p2p_received": 0}
+        totals = {
+            "coordinator_sent": 0,
+            "coordinator_received": 0,
+            "p2p_sent": 0,
+            "p2p_received": 0,
+        }
         for rec in self.records:
             for key in totals:
                 totals[key] += rec["bytes"][key]

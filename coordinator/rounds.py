@@ -108,7 +108,9 @@ class RoundBook:
         if not 1 <= round_ <= self.cfg.rounds:
             raise Refused("INVALID_ARGUMENT", f"round {round_} is outside 1..{self.cfg.rounds}")
 
-    def submit(self, peer_id: str, round_: int, num_samples: int, tensors: dict[str, np.ndarray]) -> None:
+    def submit(
+        self, peer_id: str, round_: int, num_samples: int, tensors: dict[str, np.ndarray]
+    ) -> None:
         self.check_round(round_)
         expected = upload_prefixes(self.cfg, round_)
         if not expected:

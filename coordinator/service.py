@@ -87,7 +87,10 @@ class CoordinatorService(rpc.CoordinatorServicer):
             rows=[
                 pb.PlanRow(
                     expert=m,
-                    terms=[pb.PlanTerm(peer_id=t.peer_id, expert=t.expert, weight=t.weight) for t in terms],
+                    terms=[
+                        pb.PlanTerm(peer_id=t.peer_id, expert=t.expert, weight=t.weight)
+                        for t in terms
+                    ],
                 )
                 for m, terms in sorted(rows.items())
             ],
@@ -103,7 +106,9 @@ class CoordinatorService(rpc.CoordinatorServicer):
             self.counter.message(request.round, "coordinator", "sent", part)
             yield part
 
-    def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.MetricsAck:
+    def ReportMetrics(
+        self, request: pb.MetricsReport, context: grpc.ServicerContext
+    ) -> pb.MetricsAck:
         last = request.round == self.cfg.rounds
         ack = pb.MetricsAck(round=request.round, run_finished=last)
         # The report and its ack belong to this round's traffic too; the peer cannot count its

@@ -14,7 +14,12 @@ from common.data import DATASETS
 RUN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--rounds", "rounds", int, "training rounds R"),
     ("--seed", "seed", int, "seed of the data split and the model initialisation"),
-    ("--alpha", "alpha", float, "Dirichlet concentration of the label split (smaller = more skewed)"),
+    (
+        "--alpha",
+        "alpha",
+        float,
+        "Dirichlet concentration of the label split (smaller = more skewed)",
+    ),
     ("--embed-dim", "embed_dim", int, "embedding size d"),
     ("--experts", "num_experts", int, "experts per peer M"),
     ("--top-k", "top_k", int, "experts used per sample"),
@@ -24,7 +29,12 @@ RUN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--batch-size", "batch_size", int, "local mini-batch size"),
     ("--lr", "lr", float, "SGD learning rate"),
     ("--momentum", "momentum", float, "SGD momentum"),
-    ("--neighbors", "neighbors", int, "P: experts kept besides itself in Eq. 9 (0 = no aggregation)"),
+    (
+        "--neighbors",
+        "neighbors",
+        int,
+        "P: experts kept besides itself in Eq. 9 (0 = no aggregation)",
+    ),
     ("--temperature", "temperature", float, "tau of the Eq. 10 softmax"),
     ("--sync-every", "sync_every", int, "I: aggregate experts every I rounds"),
     ("--chunk-bytes", "chunk_bytes", int, "tensor chunk size on the wire"),
@@ -35,9 +45,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", type=int, default=DEFAULTS["peers"], help="number of peers N")
     p.add_argument("--algorithm", choices=sorted(ALGORITHMS), default=DEFAULTS["algorithm"])
     p.add_argument("--dataset", choices=DATASETS, default=DEFAULTS["dataset"])
-    p.add_argument("--data-dir", default=None, help="dataset root (cifar10: holds cifar-10-batches-py/)")
+    p.add_argument(
+        "--data-dir", default=None, help="dataset root (cifar10: holds cifar-10-batches-py/)"
+    )
     for flag, key, kind, text in RUN_FLAGS:
-        p.add_argument(flag, dest=key, type=kind, default=None, help=f"{text} (default {DEFAULTS[key]})")
+        p.add_argument(
+            flag, dest=key, type=kind, default=None, help=f"{text} (default {DEFAULTS[key]})"
+        )
     p.add_argument(
         "--no-intra-peer",
         dest="intra_peer",
@@ -57,7 +71,11 @@ def config_from_args(args: argparse.Namespace):  # -> pb.RunConfig
     values = {k: getattr(args, k) for k in keys}
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
     return make_config(
-        algorithm=args.algorithm, peers=args.peers, dataset=args.dataset, data_dir=data_dir, **values
+        algorithm=args.algorithm,
+        peers=args.peers,
+        dataset=args.dataset,
+        data_dir=data_dir,
+        **values,
     )
 
 
@@ -67,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("coordinator", help="run the coordinator of a training run")
-    c.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve on (port 0: any)")
+    c.add_argument(
+        "--listen", default="127.0.0.1:50051", help="HOST:PORT to serve on (port 0: any)"
+    )
     add_run_args(c)
 
     p = sub.add_parser("peer", help="run one peer; exits 0 when the run is over")
@@ -101,13 +121,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "coordinator":
             from coordinator.main import run_coordinator
 
-            return run_coordinator(config_from_args(args), args.listen, args.out, args.round_timeout)
+            return run_coordinator(
+                config_from_args(args), args.listen, args.out, args.round_timeout
+            )
         if args.command == "peer":
             from peer.main import run_peer
 
             return run_peer(
-                args.coordinator, args.listen, args.advertise, args.index, args.device,
-                args.data_dir, args.timeout, args.threads,
+                args.coordinator,
+                args.listen,
+                args.advertise,
+                args.index,
+                args.device,
+                args.data_dir,
+                args.timeout,
+                args.threads,
             )
         if args.command == "local":
             from fedmoe.local import run_local

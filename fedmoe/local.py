@@ -48,7 +48,10 @@ def run_local(args: argparse.Namespace, argv: list[str]) -> int:
     coord_log = open(out / "coordinator.log", "w")
     coordinator = subprocess.Popen(
         [*py, "coordinator", "--listen", "127.0.0.1:0", *coord_argv],
-        stdout=subprocess.PIPE, stderr=coord_log, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=coord_log,
+        text=True,
+        env=env,
     )
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -78,15 +81,30 @@ def run_local(args: argparse.Namespace, argv: list[str]) -> int:
     peers = []
     for k in range(args.peers):
         device = f"cuda:{gpus[k % len(gpus)]}" if gpus else "cpu"
-        cmd = [*py, "peer", "--coordinator", address, "--listen", "127.0.0.1:0", "--index", str(k),
-               "--device", device, "--threads", str(threads), "--timeout", str(args.round_timeout)]
+        cmd = [
+            *py,
+            "peer",
+            "--coordinator",
+            address,
+            "--listen",
+            "127.0.0.1:0",
+            "--index",
+            str(k),
+            "--device",
+            device,
+            "--threads",
+            str(threads),
+            "--timeout",
+            str(args.round_timeout),
+        ]
         if args.data_dir:
             cmd += ["--data-dir", str(Path(args.data_dir).resolve())]
         log = open(out / f"peer-{k}.log", "w")
         peers.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
 
     # Relay the coordinator's progress lines while waiting for every process to end.
-    procs = {"coordinator": coordinator, **{f"peer-{k}": p for k, p in enumerate(peers)}}
+    procs: dict[str, subprocess.Popen] = {"coordinator": coordinator}
+    procs.update({f"peer-{k}": p for k, p in enumerate(peers)})
     failed = None
     while any(p.poll() is None for p in procs.values()):
         try:
@@ -113,7 +131,10 @@ def run_local(args: argparse.Namespace, argv: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
         log_name = "coordinator.log" if failed == "coordinator" else f"{failed}.log"
-        print(f"{failed} failed (exit {procs[failed].returncode}):\n{_tail(out / log_name)}", file=sys.stderr)
+        print(
+            f"{failed} failed (exit {procs[failed].returncode}):\n{_tail(out / log_name)}",
+            file=sys.stderr,
+        )
         return 1
     print()
     return print_report(out)

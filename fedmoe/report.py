@@ -29,7 +29,8 @@ def round_table(records: list[dict]) -> list[dict]:
                 "global_accuracy": sum(x["global_accuracy"] for x in recs) / n,
                 "loss": sum(x["loss"] for x in recs) / n,
                 "coordinator_bytes": sum(
-                    x["bytes"]["coordinator_sent"] + x["bytes"]["coordinator_received"] for x in recs
+                    x["bytes"]["coordinator_sent"] + x["bytes"]["coordinator_received"]
+                    for x in recs
                 ),
                 "p2p_bytes": sum(x["bytes"]["p2p_sent"] + x["bytes"]["p2p_received"] for x in recs),
                 "seconds": max(x["seconds"] for x in recs),

@@ -13,7 +13,9 @@ from common.tensors import TensorAssembler, WireTensor, chunk_tensors
 
 
 class CoordinatorClient:
-    def __init__(self, address: str, counter: ByteCounter, chunk_bytes: int, timeout: float) -> None:
+    def __init__(
+        self, address: str, counter: ByteCounter, chunk_bytes: int, timeout: float
+    ) -> None:
         self.address = address
         self.counter = counter
         self.chunk_bytes = chunk_bytes

@@ -31,7 +31,9 @@ def merge_experts(
     for m, terms in rows.items():
         available = []
         for t in terms:
-            source = own.get(t.expert) if t.peer_id == self_id else fetched.get((t.peer_id, t.expert))
+            source = (
+                own.get(t.expert) if t.peer_id == self_id else fetched.get((t.peer_id, t.expert))
+            )
             if source is None:
                 missing.append((t.peer_id, t.expert))
             else:

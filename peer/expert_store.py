@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from common.tensors import WireTensor
+from common.tensors import WireTensor, chunk_tensors
 
 
 class ServeRefused(Exception):
@@ -22,13 +22,19 @@ class ExpertStore:
     def __init__(self, wait_timeout: float = 600.0) -> None:
         self.wait_timeout = wait_timeout
         self._cv = threading.Condition()
-        self._snapshots: dict[int, dict[int, list[WireTensor]]] = {}
+        # Snapshots are kept as serialized TensorChunk messages: encoded (chunked, checksummed,
+        # serialized) once at publish, however many peers then fetch them.
+        self._snapshots: dict[int, dict[int, list[bytes]]] = {}
         self._orders: dict[int, dict[str, set[int]]] = {}
         self._served: dict[int, set[str]] = {}
 
-    def publish(self, round_: int, experts: dict[int, list[WireTensor]]) -> None:
+    def publish(self, round_: int, experts: dict[int, list[WireTensor]], chunk_bytes: int) -> None:
+        encoded = {
+            m: [c.SerializeToString() for c in chunk_tensors(tensors, chunk_bytes)]
+            for m, tensors in experts.items()
+        }
         with self._cv:
-            self._snapshots[round_] = experts
+            self._snapshots[round_] = encoded
             self._cv.notify_all()
 
     def set_orders(self, round_: int, orders: dict[str, list[int]]) -> None:
@@ -37,8 +43,8 @@ class ExpertStore:
             self._served.setdefault(round_, set())
             self._cv.notify_all()
 
-    def take(self, round_: int, requester: str, experts: list[int]) -> list[WireTensor]:
-        """The tensors to stream for one request; waits (bounded) until this peer has its plan."""
+    def take(self, round_: int, requester: str, experts: list[int]) -> list[bytes]:
+        """The serialized chunks to stream for one request; waits (bounded) for this peer's plan."""
         with self._cv:
             # The requester may get its plan before this peer has read its own: wait for it.
             if not self._cv.wait_for(lambda: round_ in self._orders, timeout=self.wait_timeout):
@@ -46,10 +52,13 @@ class ExpertStore:
             order = self._orders[round_].get(requester)
             if order is None:
                 raise ServeRefused(
-                    "PERMISSION_DENIED", f"{requester!r} is not planned to fetch from me in round {round_}"
+                    "PERMISSION_DENIED",
+                    f"{requester!r} is not planned to fetch from me in round {round_}",
                 )
             if requester in self._served[round_]:
-                raise ServeRefused("ALREADY_EXISTS", f"{requester!r} already fetched round {round_}")
+                raise ServeRefused(
+                    "ALREADY_EXISTS", f"{requester!r} already fetched round {round_}"
+                )
             if set(experts) != order:
                 raise ServeRefused(
                     "INVALID_ARGUMENT",

@@ -12,10 +12,9 @@ from common.accounting import ByteCounter
 from common.data import load_peer_data
 from common.grpc_options import SERVER_OPTIONS
 from common.netaddr import is_loopback_listen, split_host_port
-from common.proto import rpc
 from peer.coordinator_client import CoordinatorClient
 from peer.expert_client import ExpertClient
-from peer.expert_service import ExpertExchangeService
+from peer.expert_service import ExpertExchangeService, add_expert_exchange
 from peer.expert_store import ExpertStore
 from peer.runner import PeerRunner
 from peer.trainer import LocalTrainer, build_model
@@ -70,21 +69,28 @@ def run_peer(
         raise SystemExit(f"peer: cannot listen on {listen}: {e}") from e
     advertise = advertise or f"{host}:{port}"
 
-    # Joining first tells us the chunk size; the service is registered before the server starts.
-    service = ExpertExchangeService(store, counter, chunk_bytes=1 << 20)
-    rpc.add_ExpertExchangeServicer_to_server(service, server)
+    add_expert_exchange(server, ExpertExchangeService(store, counter))
     server.start()
     try:
         reply = coord.join(index, advertise, connect_timeout=timeout)
         cfg = reply.config
-        service.chunk_bytes = coord.chunk_bytes = cfg.chunk_bytes
-        log.info("joined as %s, run %s, serving experts at %s", reply.peer_id, cfg.run_id, advertise)
+        coord.chunk_bytes = cfg.chunk_bytes
+        log.info(
+            "joined as %s, run %s, serving experts at %s", reply.peer_id, cfg.run_id, advertise
+        )
         data = load_peer_data(
             cfg.dataset, data_dir or cfg.data_dir or None, cfg.peers, index, cfg.alpha, cfg.seed
         )
         trainer = LocalTrainer(build_model(cfg, data), data, cfg, device, index)
         runner = PeerRunner(
-            cfg, reply.peer_id, trainer, coord, ExpertClient(counter, timeout), store, counter, timeout
+            cfg,
+            reply.peer_id,
+            trainer,
+            coord,
+            ExpertClient(counter, timeout),
+            store,
+            counter,
+            timeout,
         )
         runner.run(reply.start_round)
     except grpc.RpcError as e:

@@ -63,7 +63,7 @@ class PeerRunner:
             snapshot = self.trainer.expert_snapshot() if sync else None
             if snapshot is not None:
                 # Published before uploading: once the round closes, others may ask for it.
-                self.store.publish(round_, self._wire_experts(snapshot))
+                self.store.publish(round_, self._wire_experts(snapshot), self.cfg.chunk_bytes)
             uploads = [
                 torch_to_wire(n, t, pb.FLOAT32) for n, t in self.trainer.tensors(prefixes).items()
             ]
@@ -99,7 +99,11 @@ class PeerRunner:
         )
         log.info(
             "round %d: loss %.4f acc %.4f global %.4f fetched %d experts",
-            round_, loss, accuracy, global_accuracy, fetched,
+            round_,
+            loss,
+            accuracy,
+            global_accuracy,
+            fetched,
         )
         return self.coordinator.report(report)
 
@@ -120,7 +124,9 @@ class PeerRunner:
         def fetch(source: str) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
             experts = sorted(needed[source])
             expected = {
-                f"experts.{n}.{p}": TensorSpec(shape, dtypes) for n in experts for p, shape in shapes.items()
+                f"experts.{n}.{p}": TensorSpec(shape, dtypes)
+                for n in experts
+                for p, shape in shapes.items()
             }
             tensors = self.experts.fetch(addresses[source], self.peer_id, round_, experts, expected)
             out: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
@@ -137,14 +143,19 @@ class PeerRunner:
                     try:
                         fetched.update(future.result())
                     except Exception as e:  # a source that fails is left out (Eq. 10 renormalised)
-                        log.warning("round %d: fetching experts from %s failed: %s", round_, source, e)
+                        log.warning(
+                            "round %d: fetching experts from %s failed: %s", round_, source, e
+                        )
                         self.fetch_failures.append(f"round {round_}: {source}: {e}")
         rows = {
-            row.expert: [Term(t.peer_id, t.expert, t.weight) for t in row.terms] for row in plan.rows
+            row.expert: [Term(t.peer_id, t.expert, t.weight) for t in row.terms]
+            for row in plan.rows
         }
         merged, missing = merge_experts(rows, self.peer_id, snapshot, fetched)
         if missing:
-            log.warning("round %d: %d planned experts missing, weights renormalised", round_, len(missing))
+            log.warning(
+                "round %d: %d planned experts missing, weights renormalised", round_, len(missing)
+            )
         self.trainer.load({n: t for params in merged.values() for n, t in params.items()})
         return len(fetched)
 

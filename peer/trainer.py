@@ -41,7 +41,9 @@ class LocalTrainer:
         """E local epochs of SGD; returns the mean training loss (cross-entropy + balance)."""
         self.model.train()
         opt = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.index * 10_007 + round_)
+        gen = torch.Generator().manual_seed(
+            self.cfg.seed * 1_000_003 + self.index * 10_007 + round_
+        )
         total, batches = 0.0, 0
         for _ in range(self.cfg.local_epochs):
             order = torch.randperm(self.num_samples, generator=gen).to(self.device)

@@ -16,5 +16,7 @@ SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-subset"
 @pytest.fixture(scope="session")
 def cifar_dir() -> str:
     if not (SHARED_CIFAR / "cifar-10-batches-py").is_dir():
-        pytest.fail(f"the CIFAR-10 subset is expected at {SHARED_CIFAR} (../shared beside the repo)")
+        pytest.fail(
+            f"the CIFAR-10 subset is expected at {SHARED_CIFAR} (../shared beside the repo)"
+        )
     return str(SHARED_CIFAR)

@@ -8,7 +8,10 @@ from peer.expert_merge import Term, merge_experts
 
 
 def expert(m: int, value: float) -> dict[str, torch.Tensor]:
-    return {f"experts.{m}.fc1.weight": torch.full((2, 2), value), f"experts.{m}.fc1.bias": torch.full((2,), value)}
+    return {
+        f"experts.{m}.fc1.weight": torch.full((2, 2), value),
+        f"experts.{m}.fc1.bias": torch.full((2,), value),
+    }
 
 
 def test_merge_uses_snapshots_and_weights() -> None:

@@ -24,8 +24,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for algorithm in ALGORITHMS:
         run_dir = tmp_path_factory.mktemp(algorithm)
         proc = run_cli(
-            "local", "--peers", "3", "--rounds", "2", "--algorithm", algorithm,
-            "--dataset", "synthetic", "--seed", "1", "--out", str(run_dir),
+            "local",
+            "--peers",
+            "3",
+            "--rounds",
+            "2",
+            "--algorithm",
+            algorithm,
+            "--dataset",
+            "synthetic",
+            "--seed",
+            "1",
+            "--out",
+            str(run_dir),
         )
         assert proc.returncode == 0, f"{algorithm} failed:\n{proc.stdout}\n{proc.stderr}"
         # Progress is visible: one line per round with accuracy and bytes.
@@ -54,10 +65,17 @@ def test_run_directory_is_complete(runs: dict[str, Path], algorithm: str) -> Non
         (r, f"peer-{k}") for r in (1, 2) for k in range(3)
     ]
     for r in recs:
-        assert set(r["bytes"]) == {"coordinator_sent", "coordinator_received", "p2p_sent", "p2p_received"}
+        assert set(r["bytes"]) == {
+            "coordinator_sent",
+            "coordinator_received",
+            "p2p_sent",
+            "p2p_received",
+        }
         assert r["seconds"] > 0 and r["loss"] > 0
     totals = {
-        "coordinator": sum(r["bytes"]["coordinator_sent"] + r["bytes"]["coordinator_received"] for r in recs),
+        "coordinator": sum(
+            r["bytes"]["coordinator_sent"] + r["bytes"]["coordinator_received"] for r in recs
+        ),
         "p2p": sum(r["bytes"]["p2p_sent"] + r["bytes"]["p2p_received"] for r in recs),
     }
     assert s["bytes"] == totals
@@ -79,7 +97,9 @@ def test_fedmoe_da_fetches_experts_peer_to_peer(runs: dict[str, Path]) -> None:
     recs = records(runs["fedmoe-da"])
     assert all(r["experts_fetched"] > 0 for r in recs)
     # Every byte one peer sent to another was received by one: the sides agree.
-    assert sum(r["bytes"]["p2p_sent"] for r in recs) == sum(r["bytes"]["p2p_received"] for r in recs)
+    assert sum(r["bytes"]["p2p_sent"] for r in recs) == sum(
+        r["bytes"]["p2p_received"] for r in recs
+    )
     assert s["embedding_version"] == 2
 
 
@@ -121,4 +141,6 @@ def test_bad_configuration_is_refused_before_starting(tmp_path: Path) -> None:
 def test_peer_asked_for_a_missing_gpu_fails_at_start() -> None:
     proc = run_cli("peer", "--coordinator", "127.0.0.1:1", "--index", "0", "--device", "cuda:7")
     assert proc.returncode != 0
-    assert "cuda:7" in proc.stderr and ("no CUDA GPU" in proc.stderr or "GPU(s) exist" in proc.stderr)
+    assert "cuda:7" in proc.stderr and (
+        "no CUDA GPU" in proc.stderr or "GPU(s) exist" in proc.stderr
+    )

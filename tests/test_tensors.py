@@ -135,7 +135,11 @@ def test_limits_are_enforced() -> None:
 def test_expected_specs_are_enforced() -> None:
     ok = {"w": TensorSpec((300,), frozenset({pb.UINT8}))}
     assert len(assemble(chunks_of(), expected=ok)["w"].data) == 300
-    refuse(chunks_of(), "does not match the expected", expected={"w": TensorSpec((3, 100), frozenset({pb.UINT8}))})
+    refuse(
+        chunks_of(),
+        "does not match the expected",
+        expected={"w": TensorSpec((3, 100), frozenset({pb.UINT8}))},
+    )
     refuse(chunks_of(), "not accepted", expected={"w": TensorSpec((300,), frozenset({pb.FLOAT32}))})
     refuse(chunks_of(), "not expected", expected={"v": TensorSpec((300,), frozenset({pb.UINT8}))})
     two = {**ok, "v": TensorSpec((1,), frozenset({pb.UINT8}))}

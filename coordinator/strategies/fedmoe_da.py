@@ -95,7 +95,9 @@ class FedMoEDA:
             for m in range(num_experts):
                 row = a[i * num_experts + m]
                 rows[m] = [
-                    Term(updates[int(k) // num_experts].peer_id, int(k) % num_experts, float(row[k]))
+                    Term(
+                        updates[int(k) // num_experts].peer_id, int(k) % num_experts, float(row[k])
+                    )
                     for k in np.flatnonzero(row)
                 ]
             outcome.plans[update.peer_id] = rows
