@@ -31,7 +31,7 @@ protos: setup
 
 bench: setup
 	$(BIN)/python bench/stream_bench.py
-	$(BIN)/python bench/round_bytes.py
+	$(BIN)/python bench/compare.py --dataset digits --peers 4 --rounds 3 --out runs/bench-bytes
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
