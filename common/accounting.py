@@ -31,6 +31,12 @@ class ByteCounter:
     def message(self, round_: int, klass: str, direction: str, msg: Message) -> None:
         self.add(round_, klass, direction, msg.ByteSize())
 
+    def carry(self, from_round: int, to_round: int) -> None:
+        """Move a round's counts into a later one (a round the peer skipped is never reported)."""
+        with self._lock:
+            for key in [k for k in self._counts if k[0] == from_round]:
+                self._counts[(to_round, key[1], key[2])] += self._counts.pop(key)
+
     def round_counts(self, round_: int) -> dict[str, int]:
         """{'coordinator_sent': .., 'coordinator_received': .., 'p2p_sent': .., 'p2p_received': ..}"""
         with self._lock:

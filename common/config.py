@@ -45,6 +45,9 @@ DEFAULTS: dict[str, Any] = {
     "intra_peer": True,
     "chunk_bytes": 1 << 20,
     "expert_wire_dtype": "float32",
+    "min_peers": 0,  # 0: a majority of --peers
+    "round_timeout": 1800.0,
+    "peer_timeout": 20.0,
 }
 
 
@@ -63,6 +66,8 @@ def make_config(**overrides: Any) -> pb.RunConfig:
         )
     if values["expert_wire_dtype"] not in EXPERT_WIRE_DTYPES:
         raise ConfigError(f"expert wire dtype must be one of {sorted(EXPERT_WIRE_DTYPES)}")
+    if not values["min_peers"]:
+        values["min_peers"] = values["peers"] // 2 + 1
     cfg = pb.RunConfig(
         run_id=uuid.uuid4().hex[:12],
         algorithm=ALGORITHMS[values.pop("algorithm")],  # type: ignore[arg-type]
@@ -96,6 +101,9 @@ def validate(cfg: pb.RunConfig) -> None:
         (cfg.temperature > 0, "--temperature must be positive"),
         (cfg.sync_every >= 1, "--sync-every must be at least 1"),
         (4096 <= cfg.chunk_bytes <= (4 << 20), "--chunk-bytes must be in [4 KiB, 4 MiB]"),
+        (1 <= cfg.min_peers <= cfg.peers, "--min-peers must be between 1 and --peers"),
+        (cfg.round_timeout > 0, "--round-timeout must be positive"),
+        (cfg.peer_timeout > 0, "--peer-timeout must be positive"),
         (
             cfg.expert_wire_dtype in EXPERT_WIRE_DTYPES.values(),
             "expert wire dtype must be float32, float16 or bfloat16",
@@ -123,7 +131,7 @@ def config_to_dict(cfg: pb.RunConfig) -> dict[str, Any]:
     out["expert_wire_dtype"] = {v: k for k, v in EXPERT_WIRE_DTYPES.items()}.get(
         cfg.expert_wire_dtype, "unknown"
     )
-    for key in ("peers", "rounds", "seed", "chunk_bytes"):
+    for key in ("peers", "rounds", "seed", "chunk_bytes", "min_peers"):
         out[key] = int(out[key])
     return out
 

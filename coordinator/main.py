@@ -1,45 +1,95 @@
-"""`fedmoe coordinator`: serve the run, write the run directory, exit when the last round is in."""
+"""`fedmoe coordinator`: serve the run, checkpoint it, write the run directory, exit at the end."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
-import time
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common import faults
 from common.accounting import ByteCounter
+from common.auth import CredentialError, load_token, new_token_file
 from common.grpc_options import SERVER_OPTIONS
 from common.netaddr import is_loopback_listen
 from common.proto import pb, rpc
+from common.tls import TlsFiles, add_port
+from coordinator.checkpoint import CoordinatorCheckpoint
 from coordinator.results import RunResults
 from coordinator.rounds import RoundBook
 from coordinator.service import CoordinatorService
 from coordinator.strategies import make_strategy
 
 log = logging.getLogger("fedmoe.coordinator")
+TICK_SECONDS = 0.25
 
 
-def run_coordinator(cfg: pb.RunConfig, listen: str, out_dir: Path, round_timeout: float) -> int:
-    results = RunResults(out_dir, cfg)
-    book = RoundBook(cfg, make_strategy(cfg), results.write_round, round_timeout)
+def run_coordinator(
+    cfg: pb.RunConfig,
+    listen: str,
+    out_dir: Path,
+    token_file: str | None,
+    state_dir: Path | None,
+    tls: TlsFiles | None,
+) -> int:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        token = load_token(token_file)
+    except CredentialError as e:
+        raise SystemExit(f"coordinator: {e}") from e
+    if token is None:
+        token = new_token_file(out_dir / "join-token")
+        log.warning(
+            "no --token-file or FEDMOE_TOKEN: generated %s for this run", out_dir / "join-token"
+        )
+
+    checkpoint = CoordinatorCheckpoint(state_dir) if state_dir else None
+    resuming = checkpoint is not None and checkpoint.exists()
+    if resuming:
+        assert checkpoint is not None
+        saved = checkpoint.load_config()
+        if saved.run_id != cfg.run_id:
+            log.warning(
+                "resuming run %s from %s; its saved configuration wins", saved.run_id, state_dir
+            )
+        cfg = saved
+    results: RunResults | None = None
+
+    def write_round(round_: int, records: list) -> None:
+        assert results is not None  # created below, before the server accepts a report
+        results.write_round(round_, records)
+
+    book = RoundBook(cfg, make_strategy(cfg), write_round, checkpoint)
+    if resuming:
+        assert checkpoint is not None
+        checkpoint.restore(book)
+    results = RunResults(out_dir, cfg, resume_after=book.reported_round if resuming else None)
+    if resuming:
+        print(
+            f"resumed run {cfg.run_id}: rounds 1..{book.reported_round} written, "
+            f"round {book.open_round} open with {len(book.updates)} upload(s) saved",
+            flush=True,
+        )
+    elif checkpoint is not None:
+        checkpoint.save_state(book)
+
     counter = ByteCounter()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(16, 4 * cfg.peers)), options=SERVER_OPTIONS
+        futures.ThreadPoolExecutor(max_workers=max(16, 4 * cfg.peers + 8)), options=SERVER_OPTIONS
     )
-    rpc.add_CoordinatorServicer_to_server(CoordinatorService(book, counter), server)
+    rpc.add_CoordinatorServicer_to_server(CoordinatorService(book, counter, token), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(listen)
+        port = add_port(server, listen, tls)
     except RuntimeError as e:
         raise SystemExit(f"coordinator: cannot listen on {listen}: {e}") from e
-    if not is_loopback_listen(listen):
-        log.warning("listening on %s without TLS: traffic is not encrypted", listen)
+    if tls is None and not is_loopback_listen(listen):
+        log.warning("listening on %s without TLS: traffic is not encrypted (use --tls)", listen)
     server.start()
     host = listen.rsplit(":", 1)[0]
     # The launcher reads this line to learn the port when --listen asked for port 0.
@@ -50,33 +100,36 @@ def run_coordinator(cfg: pb.RunConfig, listen: str, out_dir: Path, round_timeout
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    failure = None
-    while not book.finished:
-        if stop.wait(0.5):
-            failure = "stopped by a signal"
-        elif time.monotonic() - book.last_progress > round_timeout:
-            failure = f"no progress for {round_timeout:.0f} s (a peer died or never joined?)"
-        if failure:
-            book.fail(failure)
+    kill_round = faults.armed("kill_after_round")
+    while not book.finished and book.failure is None:
+        if stop.wait(TICK_SECONDS):
+            book.fail("stopped by a signal")
             break
+        book.tick()
+        if kill_round is not None and book.reported_round >= kill_round:
+            faults.kill_now(f"coordinator after round {book.reported_round} (checkpointed)")
     health_servicer.enter_graceful_shutdown()
     # Let held final acks reach their peers before the server goes away.
     server.stop(grace=10).wait()
     totals = counter.totals()
     summary = results.write_summary(
         {
-            "status": "failed" if failure else "completed",
-            "failure": failure,
+            "status": "failed" if book.failure else "completed",
+            "failure": book.failure,
             "embedding_version": book.embedding_version,
+            "membership": book.membership_summary(),
+            "dropped_peers": book.dropped_peers(),
+            "events": book.events,
             "coordinator_view": {
                 "bytes_sent": totals["coordinator_sent"],
                 "bytes_received": totals["coordinator_received"],
                 "tensor_groups_received": sorted(book.tensors_received),
+                "note": "since this coordinator process started" if resuming else "whole run",
             },
         }
     )
-    if failure:
-        log.error("run failed: %s", failure)
+    if book.failure:
+        log.error("run failed: %s", book.failure)
         return 1
     print(
         f"run complete: final accuracy {summary['final_accuracy_mean']:.4f} "

@@ -29,7 +29,14 @@ def _mb(n: float) -> str:
 
 
 class RunResults:
-    def __init__(self, out_dir: Path, cfg: pb.RunConfig, progress: TextIO = sys.stdout) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        cfg: pb.RunConfig,
+        progress: TextIO = sys.stdout,
+        resume_after: int | None = None,
+    ) -> None:
+        """`resume_after=R`: continue a run whose rounds 1..R are written (coordinator restart)."""
         self.out_dir = out_dir
         self.cfg = cfg
         self.progress = progress
@@ -37,8 +44,23 @@ class RunResults:
         self.started = time.time()
         out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = out_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
-        atomic_write_json(out_dir / "config.json", config_to_dict(cfg))
+        if resume_after is None:
+            self.metrics_path.write_text("")
+            atomic_write_json(out_dir / "config.json", config_to_dict(cfg))
+            return
+        # Keep what the checkpoint says is complete; a round written after the last checkpoint
+        # is dropped here and written again from the checkpoint's pending reports.
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the crash
+                if rec.get("round", 0) <= resume_after:
+                    self.records.append(rec)
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+        os.replace(tmp, self.metrics_path)
 
     def write_round(self, round_: int, records: list[dict[str, Any]]) -> None:
         with open(self.metrics_path, "a") as f:

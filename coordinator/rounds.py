@@ -1,23 +1,34 @@
-"""Round bookkeeping on the coordinator: membership, uploads, aggregation, metrics.
+"""Round bookkeeping on the coordinator: membership, liveness, uploads, aggregation, metrics.
 
 Pure logic: no gRPC here. The service (coordinator/service.py) turns calls into these methods
-and their errors (`Refused`) into gRPC statuses. Every wait is bounded by the round timeout.
+and their errors (`Refused`) into gRPC statuses; the main loop calls `tick()` so that deadlines
+and silent peers are noticed even when no request arrives.
+
+Rules (DESIGN.md §1.4, issue "reliability"):
+- The run starts when all N peers have joined (or, after the round deadline, with a quorum).
+- A round closes when every live member has uploaded, or at its deadline (`round_timeout` after it
+  opened) if at least `min_peers` have. Members silent for `peer_timeout` are left out; late
+  uploads are refused and the peer catches up from the latest aggregate.
+- A round's metrics are written once every participant has reported or is gone.
+- Every state change worth keeping is handed to `persist` (the checkpoint), before it is acked.
 """
 
 from __future__ import annotations
 
+import hmac
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
 from common.config import upload_prefixes
 from common.proto import pb
-from coordinator.strategies import PeerUpdate, RoundOutcome, Strategy
+from coordinator.strategies import PeerUpdate, RoundOutcome, Strategy, Term
 
 ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
@@ -30,15 +41,30 @@ class Refused(Exception):
         self.code = code
 
 
-class RunFailed(Exception):
-    pass
-
-
 @dataclass
 class Member:
     peer_id: str
     index: int
     address: str
+    session: str
+    last_seen: float = 0.0
+    alive: bool = True
+    reported: set[int] = field(default_factory=set)
+    joins: int = 1
+
+
+@dataclass
+class ClosedRound:
+    outcome: RoundOutcome
+    participants: list[str]
+    tickets: dict[tuple[str, str], str]  # (source, requester) -> ticket
+    closed_at: float
+
+
+class Persistence(Protocol):
+    def save_update(self, round_: int, update: PeerUpdate) -> None: ...
+    def drop_updates(self, round_: int) -> None: ...
+    def save_state(self, book: RoundBook) -> None: ...
 
 
 def serve_orders(outcome: RoundOutcome) -> dict[str, dict[str, list[int]]]:
@@ -58,24 +84,29 @@ class RoundBook:
         cfg: pb.RunConfig,
         strategy: Strategy,
         on_round_reported: Callable[[int, list[dict[str, Any]]], None],
-        round_timeout: float,
+        persist: Persistence | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.strategy = strategy
         self.on_round_reported = on_round_reported
-        self.round_timeout = round_timeout
+        self.persist = persist
+        self.clock = clock
+        self.uploads = bool(upload_prefixes(cfg, 1))
         self._cv = threading.Condition()
         self.members: dict[str, Member] = {}
-        self._updates: dict[int, dict[str, PeerUpdate]] = {}
-        self._outcomes: dict[int, RoundOutcome] = {}
-        self._reports: dict[int, dict[str, dict[str, Any]]] = {}
-        self._schema: dict[str, tuple[int, ...]] = {}
+        self.updates: dict[str, PeerUpdate] = {}  # uploads of the open round
+        self.closed: dict[int, ClosedRound] = {}  # the last two closed rounds
+        self.participants: dict[int, list[str]] = {}
+        self.pending_reports: dict[int, dict[str, dict[str, Any]]] = {}
         self.closed_round = 0  # last round whose uploads were aggregated
-        self.reported_round = 0  # last round whose metrics were all written
+        self.reported_round = 0  # last round whose metrics were written
         self.embedding_version = 0
+        self.round_opened_at = clock()
         self.tensors_received: set[str] = set()
+        self.events: list[dict[str, Any]] = []
         self.failure: str | None = None
-        self.last_progress = time.monotonic()
+        self._schema: dict[str, tuple[int, ...]] = {}
 
     # ------------------------------------------------------------------ membership
 
@@ -88,19 +119,47 @@ class RoundBook:
         if not match or not 0 < int(match.group(2)) < 65536:
             raise Refused("INVALID_ARGUMENT", f"advertised address {address!r} is not host:port")
         with self._cv:
-            member = Member(f"peer-{index}", index, address)
-            self.members[member.peer_id] = member
-            self._progress()
+            peer_id = f"peer-{index}"
+            old = self.members.get(peer_id)
+            member = Member(peer_id, index, address, secrets.token_urlsafe(24), self.clock())
+            if old is not None:  # a restarted peer: new session, same identity and history
+                member.reported, member.joins = old.reported, old.joins + 1
+                self._event("rejoined", peer_id, address=address)
+            self.members[peer_id] = member
+            self.updates.pop(peer_id, None)
+            self._save()
+            self._cv.notify_all()
             return member
 
-    def _member(self, peer_id: str) -> Member:
-        member = self.members.get(peer_id)
-        if member is None:
-            raise Refused("PERMISSION_DENIED", f"{peer_id!r} is not a member of this run")
-        return member
+    def authenticate(self, session: str) -> Member:
+        for member in self.members.values():
+            if session and hmac.compare_digest(member.session, session):
+                return member
+        raise Refused("UNAUTHENTICATED", "unknown or expired session: join the run first")
 
-    def ordered_members(self) -> list[Member]:
-        return sorted(self.members.values(), key=lambda m: m.index)
+    def heartbeat(self, member: Member) -> None:
+        with self._cv:
+            member.last_seen = self.clock()
+            if not member.alive:
+                member.alive = True
+                self._event("back", member.peer_id)
+                self._cv.notify_all()
+
+    def reported(self, round_: int) -> list[str]:
+        """Members that have reported `round_`: their fetches for it are over."""
+        with self._cv:
+            done = {p for p, m in self.members.items() if round_ in m.reported}
+            return sorted(done | set(self.pending_reports.get(round_, {})))
+
+    def alive(self) -> list[str]:
+        return sorted(p for p, m in self.members.items() if m.alive)
+
+    def ordered(self, peer_ids: list[str] | set[str]) -> list[str]:
+        return sorted(peer_ids, key=lambda p: self.members[p].index)
+
+    @property
+    def open_round(self) -> int:
+        return self.closed_round + 1
 
     # ------------------------------------------------------------------ uploads
 
@@ -109,7 +168,7 @@ class RoundBook:
             raise Refused("INVALID_ARGUMENT", f"round {round_} is outside 1..{self.cfg.rounds}")
 
     def submit(
-        self, peer_id: str, round_: int, num_samples: int, tensors: dict[str, np.ndarray]
+        self, member: Member, round_: int, num_samples: int, tensors: dict[str, np.ndarray]
     ) -> None:
         self.check_round(round_)
         expected = upload_prefixes(self.cfg, round_)
@@ -124,94 +183,169 @@ class RoundBook:
                 )
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise Refused("INVALID_ARGUMENT", f"tensor {name!r} has NaN or infinite values")
-        missing = [p for p in expected if not any(n.startswith(p) for n in tensors)]
-        if missing:
-            raise Refused("INVALID_ARGUMENT", f"upload lacks tensors {missing}")
         with self._cv:
-            self._member(peer_id)
             if round_ <= self.closed_round:
-                raise Refused("FAILED_PRECONDITION", f"round {round_} is already closed")
-            if round_ != self.closed_round + 1:
                 raise Refused(
                     "FAILED_PRECONDITION",
-                    f"round {round_} is not open (the open round is {self.closed_round + 1})",
+                    f"round {round_} is already closed (open round: {self.open_round}); catch up",
                 )
-            # Every peer's tensor must match what the first uploader sent (same model).
-            for name, array in tensors.items():
-                shape = self._schema.setdefault(name, tuple(array.shape))
-                if shape != tuple(array.shape):
-                    raise Refused(
-                        "INVALID_ARGUMENT",
-                        f"tensor {name!r} has shape {list(array.shape)}, the run uses {list(shape)}",
-                    )
-            updates = self._updates.setdefault(round_, {})
-            updates[peer_id] = PeerUpdate(peer_id, num_samples, tensors)
+            if round_ != self.open_round:
+                raise Refused(
+                    "FAILED_PRECONDITION",
+                    f"round {round_} is not open (the open round is {self.open_round})",
+                )
+            self._check_schema(round_, tensors)
+            update = PeerUpdate(member.peer_id, num_samples, tensors)
+            if self.persist:
+                self.persist.save_update(round_, update)  # durable before it is acked
+            self.updates[member.peer_id] = update
             self.tensors_received.update(n.split(".", 1)[0] for n in tensors)
-            self._progress()
-            if len(updates) == self.cfg.peers:
-                self._close(round_)
+            member.last_seen = self.clock()
+            self._maybe_close()
+
+    def _check_schema(self, round_: int, tensors: dict[str, np.ndarray]) -> None:
+        """Every peer's upload must have the names and shapes the run uses (same model)."""
+        expected = upload_prefixes(self.cfg, round_)
+        known = {n: s for n, s in self._schema.items() if n.startswith(expected)}
+        if known and set(tensors) != set(known):
+            extra, lacking = sorted(set(tensors) - set(known)), sorted(set(known) - set(tensors))
+            raise Refused(
+                "INVALID_ARGUMENT",
+                f"upload does not match the model: unexpected {extra[:3]}, missing {lacking[:3]}",
+            )
+        for name, array in tensors.items():
+            shape = known.get(name)
+            if shape is not None and shape != tuple(array.shape):
+                raise Refused(
+                    "INVALID_ARGUMENT",
+                    f"tensor {name!r} has shape {list(array.shape)}, the run uses {list(shape)}",
+                )
+        if not tensors:
+            raise Refused("INVALID_ARGUMENT", "upload has no tensors")
+        for name, array in tensors.items():
+            self._schema.setdefault(name, tuple(array.shape))
+
+    def _maybe_close(self) -> None:
+        if not self.uploads or self.closed_round >= self.cfg.rounds or self.failure:
+            return
+        submitted = set(self.updates)
+        everyone = len(self.members) == self.cfg.peers and submitted >= set(self.alive())
+        deadline = self.clock() - self.round_opened_at >= self.cfg.round_timeout
+        if len(submitted) >= self.cfg.min_peers and (everyone or deadline):
+            self._close(self.open_round)
 
     def _close(self, round_: int) -> None:
-        updates = [self._updates[round_][m.peer_id] for m in self.ordered_members()]
-        outcome = self.strategy.aggregate(round_, updates)
-        del self._updates[round_]
-        self._outcomes[round_] = outcome
-        self._outcomes.pop(round_ - 2, None)  # every peer has moved past it by now
+        peers = self.ordered(set(self.updates))
+        outcome = self.strategy.aggregate(round_, [self.updates[p] for p in peers])
+        tickets = {
+            (source, requester): secrets.token_urlsafe(16)
+            for source, reqs in serve_orders(outcome).items()
+            for requester in reqs
+        }
+        late = sorted(set(self.alive()) - set(peers))
+        if late:
+            self._event("left out", *late, round=round_)
+        self.closed[round_] = ClosedRound(outcome, peers, tickets, self.clock())
+        self.closed.pop(round_ - 2, None)  # every participant has moved past it by now
+        self.participants[round_] = peers
+        self.updates = {}
         if any(n.startswith("embedding.") for n in outcome.shared):
             self.embedding_version = round_
         self.closed_round = round_
+        self.round_opened_at = self.clock()
+        self._save()
+        if self.persist:
+            self.persist.drop_updates(round_)
         self._cv.notify_all()
 
-    def wait_outcome(self, peer_id: str, round_: int) -> tuple[RoundOutcome, int]:
-        """Block until `round_` is closed; returns the outcome and the embedding version."""
+    def wait_outcome(self, member: Member, round_: int) -> tuple[ClosedRound, int]:
+        """Block until `round_` is closed; returns it and the embedding version."""
         self.check_round(round_)
+        limit = 2 * self.cfg.round_timeout + self.cfg.peer_timeout
         with self._cv:
-            self._member(peer_id)
             ok = self._cv.wait_for(
-                lambda: self.closed_round >= round_ or self.failure is not None,
-                timeout=self.round_timeout,
+                lambda: (
+                    self.closed_round >= round_
+                    or self.failure is not None
+                    or (round_ == self.open_round and member.peer_id not in self.updates)
+                ),
+                timeout=limit,
             )
             if self.failure is not None:
                 raise Refused("ABORTED", f"the run failed: {self.failure}")
             if not ok:
-                waiting = sorted(set(self.members) - set(self._updates.get(round_, {})))
+                raise Refused("DEADLINE_EXCEEDED", f"round {round_} did not close in {limit:.0f} s")
+            if self.closed_round < round_:
+                raise Refused("NOT_FOUND", f"no upload from you for round {round_}: resubmit")
+            closed = self.closed.get(round_)
+            if closed is None or member.peer_id not in closed.participants:
                 raise Refused(
-                    "DEADLINE_EXCEEDED",
-                    f"round {round_} did not close within {self.round_timeout:.0f} s; "
-                    f"no upload yet from {waiting or 'peers that have not joined'}",
+                    "FAILED_PRECONDITION",
+                    f"you are not a participant of round {round_} (late); catch up",
                 )
-            outcome = self._outcomes.get(round_)
-            if outcome is None:
-                raise Refused("FAILED_PRECONDITION", f"round {round_} results are no longer held")
-            return outcome, self.embedding_version
+            return closed, self.embedding_version
+
+    def latest(self) -> tuple[int, int, dict[str, np.ndarray]]:
+        """(last closed round, embedding version, its aggregate) for catching up."""
+        with self._cv:
+            closed = self.closed.get(self.closed_round)
+            shared = closed.outcome.shared if closed else {}
+            return self.closed_round, self.embedding_version, shared
 
     # ------------------------------------------------------------------ metrics
 
-    def report(self, peer_id: str, round_: int, record: dict[str, Any]) -> None:
+    def report(self, member: Member, round_: int, record: dict[str, Any]) -> None:
         self.check_round(round_)
         with self._cv:
-            self._member(peer_id)
-            if round_ <= self.reported_round:
-                raise Refused("FAILED_PRECONDITION", f"round {round_} metrics are already written")
-            reports = self._reports.setdefault(round_, {})
-            reports[peer_id] = record
-            self._progress()
-            # Rounds are written in order, each once every peer has reported it.
-            while len(self._reports.get(self.reported_round + 1, {})) == self.cfg.peers:
-                done = self.reported_round + 1
-                by_peer = self._reports.pop(done)
-                records = [by_peer[m.peer_id] for m in self.ordered_members()]
-                self.on_round_reported(done, records)
-                self.reported_round = done
-                self._cv.notify_all()
+            member.last_seen = self.clock()
+            if round_ <= self.reported_round or member.peer_id in self.pending_reports.get(
+                round_, {}
+            ):
+                return  # a retried report: already counted once
+            if self.uploads and round_ > self.closed_round:
+                raise Refused("FAILED_PRECONDITION", f"round {round_} is not closed yet")
+            self.pending_reports.setdefault(round_, {})[member.peer_id] = record
+            self._maybe_write()
+            self._save()
 
-    def wait_run_finished(self, peer_id: str) -> bool:
+    def _maybe_write(self) -> None:
+        """Write rounds in order, each once every participant has reported or is gone."""
+        while self.reported_round < self.cfg.rounds and not self.failure:
+            r = self.reported_round + 1
+            got = self.pending_reports.get(r, {})
+            if self.uploads:
+                if r > self.closed_round:
+                    return
+                expected = set(self.participants[r])
+                since = self.closed[r].closed_at if r in self.closed else self.round_opened_at
+            else:  # local: no uploads; every member trains every round
+                expected = set(self.members)
+                since = self.round_opened_at
+            deadline = self.clock() - since >= self.cfg.round_timeout
+            if not self.uploads and len(self.members) < self.cfg.peers and not deadline:
+                return  # the run has not started: not everyone has joined yet
+            waiting = {p for p in expected - set(got) if self.members[p].alive}
+            if not got or (waiting and not deadline):
+                return
+            records = [got[p] for p in self.ordered(set(got))]
+            missing = sorted(expected - set(got))
+            if missing:
+                self._event("no report", *missing, round=r)
+            self.on_round_reported(r, records)
+            for p in got:
+                self.members[p].reported.add(r)
+            self.pending_reports.pop(r, None)
+            self.reported_round = r
+            if not self.uploads:
+                self.round_opened_at = self.clock()
+            self._cv.notify_all()
+
+    def wait_run_finished(self) -> bool:
         """Held by peers after their last report so that nobody stops serving experts early."""
         with self._cv:
-            self._member(peer_id)
             ok = self._cv.wait_for(
-                lambda: self.reported_round >= self.cfg.rounds or self.failure is not None,
-                timeout=self.round_timeout,
+                lambda: self.finished or self.failure is not None,
+                timeout=2 * self.cfg.round_timeout + self.cfg.peer_timeout,
             )
             if self.failure is not None:
                 raise Refused("ABORTED", f"the run failed: {self.failure}")
@@ -221,10 +355,63 @@ class RoundBook:
     def finished(self) -> bool:
         return self.reported_round >= self.cfg.rounds
 
+    # ------------------------------------------------------------------ time passes
+
+    def tick(self) -> None:
+        """Notice silent members and passed deadlines (called periodically)."""
+        with self._cv:
+            now = self.clock()
+            final = set(self.pending_reports.get(self.cfg.rounds, {}))
+            for m in self.members.values():
+                if m.peer_id in final or self.cfg.rounds in m.reported:
+                    continue  # done: it stops heartbeating while it waits for the others
+                if m.alive and now - m.last_seen > self.cfg.peer_timeout:
+                    m.alive = False
+                    self._event("silent", m.peer_id, seconds=round(now - m.last_seen, 1))
+                    self._cv.notify_all()
+            before = (self.closed_round, self.reported_round)
+            self._maybe_close()
+            self._maybe_write()
+            if (self.closed_round, self.reported_round) != before:
+                self._save()
+            quorum_lost = now - self.round_opened_at > 2 * self.cfg.round_timeout
+            if quorum_lost and not self.finished and self.failure is None:
+                self.fail(
+                    f"round {self.open_round}: no quorum of {self.cfg.min_peers} peers within "
+                    f"{2 * self.cfg.round_timeout:.0f} s (live: {self.alive()})"
+                )
+
     def fail(self, reason: str) -> None:
         with self._cv:
             self.failure = reason
             self._cv.notify_all()
 
-    def _progress(self) -> None:
-        self.last_progress = time.monotonic()
+    # ------------------------------------------------------------------ reporting
+
+    def _event(self, kind: str, *peers: str, **info: Any) -> None:
+        self.events.append(
+            {"event": kind, "peers": list(peers), "open_round": self.open_round, **info}
+        )
+
+    def _save(self) -> None:
+        if self.persist:
+            self.persist.save_state(self)
+
+    def membership_summary(self) -> dict[str, Any]:
+        rounds = set(range(1, self.reported_round + 1))
+        return {
+            m.peer_id: {
+                "address": m.address,
+                "joins": m.joins,
+                "alive": m.alive,
+                "rounds_reported": len(m.reported),
+                "rounds_missed": sorted(rounds - m.reported),
+            }
+            for m in sorted(self.members.values(), key=lambda m: m.index)
+        }
+
+    def dropped_peers(self) -> list[str]:
+        return sorted(p for p, s in self.membership_summary().items() if s["rounds_missed"])
+
+
+__all__ = ["ClosedRound", "Member", "Refused", "RoundBook", "Term", "serve_orders"]

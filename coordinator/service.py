@@ -1,7 +1,9 @@
-"""The Coordinator gRPC service: translates RPCs into RoundBook calls and counts their bytes."""
+"""The Coordinator gRPC service: authenticates callers, translates RPCs into RoundBook calls,
+and counts the bytes of every message it handles."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -9,35 +11,77 @@ from typing import Any, NoReturn
 import grpc
 
 from common.accounting import ByteCounter
+from common.auth import SESSION_METADATA, TOKEN_METADATA
 from common.config import ALGORITHM_NAMES
 from common.proto import pb, rpc
 from common.tensors import TensorAssembler, WireError, chunk_tensors, numpy_to_wire
-from coordinator.rounds import Refused, RoundBook, serve_orders
+from coordinator.rounds import Member, Refused, RoundBook, serve_orders
 
 log = logging.getLogger("fedmoe.coordinator")
 
 
 def _abort(context: grpc.ServicerContext, code: str, message: str) -> NoReturn:
-    log.warning("refused: %s: %s", code, message)
+    log.warning("refused %s: %s: %s", context.peer(), code, message)
     context.abort(getattr(grpc.StatusCode, code), message)
     raise AssertionError("unreachable")  # context.abort raises
 
 
+def _metadata(context: grpc.ServicerContext, key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return ""
+
+
 class CoordinatorService(rpc.CoordinatorServicer):
-    def __init__(self, book: RoundBook, counter: ByteCounter) -> None:
+    def __init__(self, book: RoundBook, counter: ByteCounter, token: str) -> None:
         self.book = book
         self.cfg = book.cfg
         self.counter = counter  # the coordinator's own view, per round, for cross-checks
+        self.token = token
+
+    def _member(self, context: grpc.ServicerContext, peer_id: str) -> Member:
+        """The caller's membership, from its session secret; it may act only as itself."""
+        try:
+            member = self.book.authenticate(_metadata(context, SESSION_METADATA))
+        except Refused as e:
+            _abort(context, e.code, str(e))
+        if peer_id and peer_id != member.peer_id:
+            _abort(context, "PERMISSION_DENIED", f"session of {member.peer_id} used as {peer_id}")
+        return member
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        if not hmac.compare_digest(_metadata(context, TOKEN_METADATA), self.token):
+            _abort(context, "UNAUTHENTICATED", "invalid join token for this run")
         try:
             member = self.book.join(request.index, request.advertise)
         except Refused as e:
             _abort(context, e.code, str(e))
         log.info("%s joined from %s (%s)", member.peer_id, request.advertise, context.peer())
-        reply = pb.JoinReply(peer_id=member.peer_id, config=self.cfg, start_round=1)
-        self.counter.message(1, "coordinator", "received", request)
-        self.counter.message(1, "coordinator", "sent", reply)
+        start = self.book.open_round if self.book.uploads else self.book.reported_round + 1
+        reply = pb.JoinReply(
+            peer_id=member.peer_id,
+            config=self.cfg,
+            start_round=start,
+            session=member.session,
+            heartbeat_ms=max(200, int(self.cfg.peer_timeout * 1000 / 5)),
+        )
+        self.counter.message(start, "coordinator", "received", request)
+        self.counter.message(start, "coordinator", "sent", reply)
+        return reply
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        member = self._member(context, request.peer_id)
+        self.book.heartbeat(member)
+        reply = pb.HeartbeatReply(
+            open_round=self.book.open_round,
+            alive=self.book.alive(),
+            run_finished=self.book.finished,
+        )
+        self.counter.message(request.round, "coordinator", "received", request)
+        self.counter.message(request.round, "coordinator", "sent", reply)
         return reply
 
     def SubmitUpdate(
@@ -48,8 +92,10 @@ class CoordinatorService(rpc.CoordinatorServicer):
         if first is None or not first.HasField("header"):
             _abort(context, "INVALID_ARGUMENT", "an update stream must start with its header")
         header = first.header
+        member = self._member(context, header.peer_id)
         sizes = first.ByteSize()
         assembler = TensorAssembler()
+        tensors: dict = {}
         try:
             self.book.check_round(header.round)
             for part in parts:
@@ -58,32 +104,34 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 sizes += part.ByteSize()
                 assembler.add(part.chunk)
             tensors = {n: t.to_numpy() for n, t in assembler.finish().items()}
-            self.book.submit(header.peer_id, header.round, header.num_samples, tensors)
+            self.book.submit(member, header.round, header.num_samples, tensors)
         except WireError as e:
-            _abort(context, "INVALID_ARGUMENT", f"update from {header.peer_id!r}: {e}")
+            _abort(context, "INVALID_ARGUMENT", f"update from {member.peer_id}: {e}")
         except Refused as e:
             _abort(context, e.code, str(e))
+        finally:  # what arrived was carried by the network, accepted or not
+            self.counter.add(header.round, "coordinator", "received", sizes)
         ack = pb.UpdateAck(round=header.round, tensors=len(tensors))
-        self.counter.add(header.round, "coordinator", "received", sizes)
         self.counter.message(header.round, "coordinator", "sent", ack)
         return ack
 
     def GetRoundResult(
         self, request: pb.RoundRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.RoundResultPart]:
+        member = self._member(context, request.peer_id)
         try:
-            outcome, version = self.book.wait_outcome(request.peer_id, request.round)
+            closed, version = self.book.wait_outcome(member, request.round)
         except Refused as e:
             _abort(context, e.code, str(e))
         self.counter.message(request.round, "coordinator", "received", request)
-        members = {m.peer_id: m for m in self.book.ordered_members()}
-        rows = outcome.plans.get(request.peer_id, {})
-        sources = sorted({t.peer_id for terms in rows.values() for t in terms} - {request.peer_id})
-        orders = serve_orders(outcome).get(request.peer_id, {})
+        me = member.peer_id
+        rows = closed.outcome.plans.get(me, {})
+        sources = sorted({t.peer_id for terms in rows.values() for t in terms} - {me})
+        orders = serve_orders(closed.outcome).get(me, {})
         plan = pb.Plan(
             round=request.round,
             embedding_version=version,
-            sync=outcome.sync,
+            sync=closed.outcome.sync,
             rows=[
                 pb.PlanRow(
                     expert=m,
@@ -94,21 +142,45 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 )
                 for m, terms in sorted(rows.items())
             ],
-            sources=[pb.PeerAddress(peer_id=p, address=members[p].address) for p in sources],
-            serves=[pb.ServeOrder(peer_id=r, experts=e) for r, e in sorted(orders.items())],
+            sources=[
+                pb.PeerAddress(
+                    peer_id=p, address=self.book.members[p].address, ticket=closed.tickets[(p, me)]
+                )
+                for p in sources
+            ],
+            serves=[
+                pb.ServeOrder(peer_id=r, experts=e, ticket=closed.tickets[(me, r)])
+                for r, e in sorted(orders.items())
+            ],
         )
+        yield from self._stream(request.round, plan, closed.outcome.shared)
+
+    def GetLatestModel(
+        self, request: pb.LatestRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.RoundResultPart]:
+        self._member(context, request.peer_id)
+        round_, version, shared = self.book.latest()
+        self.counter.message(request.round, "coordinator", "received", request)
+        yield from self._stream(
+            request.round, pb.Plan(round=round_, embedding_version=version), shared
+        )
+
+    def _stream(
+        self, count_round: int, plan: pb.Plan, shared: dict[str, Any]
+    ) -> Iterator[pb.RoundResultPart]:
         first = pb.RoundResultPart(plan=plan)
-        self.counter.message(request.round, "coordinator", "sent", first)
+        self.counter.message(count_round, "coordinator", "sent", first)
         yield first
-        wire = (numpy_to_wire(n, a) for n, a in sorted(outcome.shared.items()))
+        wire = (numpy_to_wire(n, a) for n, a in sorted(shared.items()))
         for chunk in chunk_tensors(wire, self.cfg.chunk_bytes):
             part = pb.RoundResultPart(chunk=chunk)
-            self.counter.message(request.round, "coordinator", "sent", part)
+            self.counter.message(count_round, "coordinator", "sent", part)
             yield part
 
     def ReportMetrics(
         self, request: pb.MetricsReport, context: grpc.ServicerContext
     ) -> pb.MetricsAck:
+        member = self._member(context, request.peer_id)
         last = request.round == self.cfg.rounds
         ack = pb.MetricsAck(round=request.round, run_finished=last)
         # The report and its ack belong to this round's traffic too; the peer cannot count its
@@ -116,7 +188,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         b = request.bytes
         record: dict[str, Any] = {
             "round": request.round,
-            "peer": request.peer_id,
+            "peer": member.peer_id,
             "algorithm": ALGORITHM_NAMES[self.cfg.algorithm],
             "accuracy": request.accuracy,
             "global_accuracy": request.global_accuracy,
@@ -134,10 +206,10 @@ class CoordinatorService(rpc.CoordinatorServicer):
             },
         }
         try:
-            self.book.report(request.peer_id, request.round, record)
+            self.book.report(member, request.round, record)
             self.counter.message(request.round, "coordinator", "received", request)
             self.counter.message(request.round, "coordinator", "sent", ack)
-            if last and not self.book.wait_run_finished(request.peer_id):
+            if last and not self.book.wait_run_finished():
                 _abort(context, "DEADLINE_EXCEEDED", "other peers did not finish the last round")
         except Refused as e:
             _abort(context, e.code, str(e))

@@ -38,6 +38,14 @@ RUN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--temperature", "temperature", float, "tau of the Eq. 10 softmax"),
     ("--sync-every", "sync_every", int, "I: aggregate experts every I rounds"),
     ("--chunk-bytes", "chunk_bytes", int, "tensor chunk size on the wire"),
+    (
+        "--min-peers",
+        "min_peers",
+        int,
+        "quorum that may close a round at its deadline (default: majority)",
+    ),
+    ("--round-timeout", "round_timeout", float, "seconds before a round closes with a quorum"),
+    ("--peer-timeout", "peer_timeout", float, "seconds of silence before a peer is left out"),
 ]
 
 
@@ -61,9 +69,34 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--expert-wire-dtype", choices=sorted(EXPERT_WIRE_DTYPES), default=None)
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
-    p.add_argument(
-        "--round-timeout", type=float, default=1800.0, help="seconds a round may take at most"
-    )
+    add_security_args(p)
+
+
+class _RefuseToken(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        parser.error(
+            "a token on the command line is visible to every user (ps, shell history): "
+            "use --token-file FILE or the FEDMOE_TOKEN environment variable"
+        )
+
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", default=None, help="file holding the run's join token")
+    p.add_argument("--token", action=_RefuseToken, help=argparse.SUPPRESS)
+    p.add_argument("--tls", action="store_true", help="mutual TLS on every channel")
+    p.add_argument("--certs", default=None, help="directory from `fedmoe certs` (with --tls)")
+    p.add_argument("--cert-name", default=None, help="this node's certificate name in --certs")
+    p.add_argument("--state-dir", type=Path, default=None, help="checkpoint directory (resume)")
+
+
+def tls_from_args(args: argparse.Namespace, default_name: str):  # -> TlsFiles | None
+    if not args.tls:
+        return None
+    from common.tls import load_tls
+
+    if not args.certs:
+        raise SystemExit("--tls needs --certs DIR (make one with `fedmoe certs DIR`)")
+    return load_tls(args.certs, args.cert_name or default_name)
 
 
 def config_from_args(args: argparse.Namespace):  # -> pb.RunConfig
@@ -99,10 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="dataset root on this machine")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait on any call")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_security_args(p)
 
     loc = sub.add_parser("local", help="coordinator + N peers as separate processes on loopback")
     add_run_args(loc)
     loc.add_argument("--gpus", default=None, help="comma-separated GPU ids, assigned round-robin")
+
+    k = sub.add_parser("certs", help="make a development CA and per-node certificates")
+    k.add_argument("dir", type=Path)
+    k.add_argument("--peers", type=int, default=4, help="make peer-0 .. peer-(N-1)")
+    k.add_argument("--node", action="append", default=[], help="extra node name")
+    k.add_argument(
+        "--host", action="append", default=[], help="DNS name or IP the nodes are reached at"
+    )
 
     r = sub.add_parser("report", help="print the per-round table of a run directory")
     r.add_argument("run_dir", type=Path)
@@ -122,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             from coordinator.main import run_coordinator
 
             return run_coordinator(
-                config_from_args(args), args.listen, args.out, args.round_timeout
+                config_from_args(args),
+                args.listen,
+                args.out,
+                args.token_file,
+                args.state_dir,
+                tls_from_args(args, "coordinator"),
             )
         if args.command == "peer":
             from peer.main import run_peer
@@ -136,12 +183,23 @@ def main(argv: list[str] | None = None) -> int:
                 args.data_dir,
                 args.timeout,
                 args.threads,
+                args.token_file,
+                args.state_dir,
+                tls_from_args(args, f"peer-{args.index}"),
             )
         if args.command == "local":
             from fedmoe.local import run_local
 
             config_from_args(args)  # refuse a bad configuration before starting anything
             return run_local(args, sys.argv[2:] if argv is None else argv[1:])
+        if args.command == "certs":
+            from common.tls import make_certs
+
+            nodes = ["coordinator", *(f"peer-{k}" for k in range(args.peers)), *args.node]
+            hosts = ["localhost", "127.0.0.1", *args.host]
+            for path in make_certs(args.dir, nodes, hosts):
+                print(path)
+            return 0
         from fedmoe.report import print_report
 
         return print_report(args.run_dir, as_json=args.json)

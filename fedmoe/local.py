@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from common.auth import new_token_file
 from fedmoe.report import print_report
 
 LISTENING = "FEDMOE_LISTENING "
@@ -44,10 +45,22 @@ def run_local(args: argparse.Namespace, argv: list[str]) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     threads = max(1, (os.cpu_count() or 1) // max(args.peers, 1))
 
-    coord_argv = _strip(argv, "--gpus")
+    coord_argv = _strip(_strip(argv, "--gpus"), "--token-file")
+    # One fresh join token per run, readable by this user only, handed over as a file.
+    token_file = Path(args.token_file) if args.token_file else out / "join-token"
+    if not args.token_file:
+        new_token_file(token_file)
     coord_log = open(out / "coordinator.log", "w")
     coordinator = subprocess.Popen(
-        [*py, "coordinator", "--listen", "127.0.0.1:0", *coord_argv],
+        [
+            *py,
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            str(token_file),
+            *coord_argv,
+        ],
         stdout=subprocess.PIPE,
         stderr=coord_log,
         text=True,
@@ -81,24 +94,15 @@ def run_local(args: argparse.Namespace, argv: list[str]) -> int:
     peers = []
     for k in range(args.peers):
         device = f"cuda:{gpus[k % len(gpus)]}" if gpus else "cpu"
-        cmd = [
-            *py,
-            "peer",
-            "--coordinator",
-            address,
-            "--listen",
-            "127.0.0.1:0",
-            "--index",
-            str(k),
-            "--device",
-            device,
-            "--threads",
-            str(threads),
-            "--timeout",
-            str(args.round_timeout),
-        ]
+        cmd = [*py, "peer", "--coordinator", address, "--listen", "127.0.0.1:0"]
+        cmd += ["--index", str(k), "--device", device, "--threads", str(threads)]
+        cmd += ["--token-file", str(token_file)]
         if args.data_dir:
             cmd += ["--data-dir", str(Path(args.data_dir).resolve())]
+        if args.state_dir:
+            cmd += ["--state-dir", str(args.state_dir)]
+        if args.tls:
+            cmd += ["--tls", "--certs", str(args.certs)]
         log = open(out / f"peer-{k}.log", "w")
         peers.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
 

@@ -11,23 +11,31 @@ from common.accounting import ByteCounter
 from common.grpc_options import CHANNEL_OPTIONS
 from common.proto import pb, rpc
 from common.tensors import TensorAssembler, TensorSpec, WireLimits, WireTensor
+from common.tls import TlsFiles, channel
 
 
 class ExpertClient:
-    def __init__(self, counter: ByteCounter, timeout: float, limits: WireLimits | None = None):
+    def __init__(
+        self,
+        counter: ByteCounter,
+        timeout: float,
+        limits: WireLimits | None = None,
+        tls: TlsFiles | None = None,
+    ):
         self.counter = counter
         self.timeout = timeout
         self.limits = limits or WireLimits()
+        self.tls = tls
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
 
     def _stub(self, address: str) -> rpc.ExpertExchangeStub:
         with self._lock:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-                self._channels[address] = channel
-        return rpc.ExpertExchangeStub(channel)
+            ch = self._channels.get(address)
+            if ch is None:
+                ch = channel(address, self.tls, CHANNEL_OPTIONS)
+                self._channels[address] = ch
+        return rpc.ExpertExchangeStub(ch)
 
     def fetch(
         self,
@@ -36,9 +44,12 @@ class ExpertClient:
         round_: int,
         experts: list[int],
         expected: Mapping[str, TensorSpec],
+        ticket: str = "",
     ) -> dict[str, WireTensor]:
         """Stream the experts in; every tensor is validated against `expected` before use."""
-        request = pb.ExpertRequest(requester_id=requester_id, round=round_, experts=experts)
+        request = pb.ExpertRequest(
+            requester_id=requester_id, round=round_, experts=experts, ticket=ticket
+        )
         self.counter.message(round_, "p2p", "sent", request)
         assembler = TensorAssembler(self.limits, expected)
         for chunk in self._stub(address).FetchExperts(request, timeout=self.timeout):
@@ -48,6 +59,6 @@ class ExpertClient:
 
     def close(self) -> None:
         with self._lock:
-            for channel in self._channels.values():
-                channel.close()
+            for ch in self._channels.values():
+                ch.close()
             self._channels.clear()

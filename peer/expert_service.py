@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from common import faults
 from common.accounting import ByteCounter
 from common.proto import pb, rpc
 from peer.expert_store import ExpertStore, ServeRefused
@@ -44,7 +45,9 @@ class ExpertExchangeService(rpc.ExpertExchangeServicer):
         self, request: pb.ExpertRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         try:
-            chunks = self.store.take(request.round, request.requester_id, list(request.experts))
+            chunks = self.store.take(
+                request.round, request.requester_id, list(request.experts), request.ticket
+            )
         except ServeRefused as e:
             log.warning("refused expert request from %s: %s", request.requester_id, e)
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
@@ -53,5 +56,6 @@ class ExpertExchangeService(rpc.ExpertExchangeServicer):
         self.counter.message(request.round, "p2p", "received", request)
         for chunk in chunks:
             self.counter.add(request.round, "p2p", "sent", len(chunk))
+            faults.count("kill_after_served_chunks")
             yield chunk
         self.store.mark_served(request.round, request.requester_id)

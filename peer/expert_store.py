@@ -7,6 +7,7 @@ the experts must match a serve order, and each order is served once.
 
 from __future__ import annotations
 
+import hmac
 import threading
 
 from common.tensors import WireTensor, chunk_tensors
@@ -25,7 +26,7 @@ class ExpertStore:
         # Snapshots are kept as serialized TensorChunk messages: encoded (chunked, checksummed,
         # serialized) once at publish, however many peers then fetch them.
         self._snapshots: dict[int, dict[int, list[bytes]]] = {}
-        self._orders: dict[int, dict[str, set[int]]] = {}
+        self._orders: dict[int, dict[str, tuple[set[int], str]]] = {}
         self._served: dict[int, set[str]] = {}
 
     def publish(self, round_: int, experts: dict[int, list[WireTensor]], chunk_bytes: int) -> None:
@@ -37,41 +38,62 @@ class ExpertStore:
             self._snapshots[round_] = encoded
             self._cv.notify_all()
 
-    def set_orders(self, round_: int, orders: dict[str, list[int]]) -> None:
+    def set_orders(self, round_: int, orders: dict[str, tuple[list[int], str]]) -> None:
+        """requester -> (experts, ticket), from this peer's plan."""
         with self._cv:
-            self._orders[round_] = {r: set(e) for r, e in orders.items()}
+            self._orders[round_] = {r: (set(e), t) for r, (e, t) in orders.items()}
             self._served.setdefault(round_, set())
             self._cv.notify_all()
 
-    def take(self, round_: int, requester: str, experts: list[int]) -> list[bytes]:
+    def take(self, round_: int, requester: str, experts: list[int], ticket: str) -> list[bytes]:
         """The serialized chunks to stream for one request; waits (bounded) for this peer's plan."""
         with self._cv:
             # The requester may get its plan before this peer has read its own: wait for it.
             if not self._cv.wait_for(lambda: round_ in self._orders, timeout=self.wait_timeout):
                 raise ServeRefused("UNAVAILABLE", f"no plan for round {round_} on this peer yet")
-            order = self._orders[round_].get(requester)
-            if order is None:
+            entry = self._orders[round_].get(requester)
+            if entry is None:
                 raise ServeRefused(
                     "PERMISSION_DENIED",
                     f"{requester!r} is not planned to fetch from me in round {round_}",
                 )
+            planned, expected_ticket = entry
+            if not hmac.compare_digest(ticket, expected_ticket):
+                raise ServeRefused("PERMISSION_DENIED", f"invalid ticket for round {round_}")
             if requester in self._served[round_]:
                 raise ServeRefused(
                     "ALREADY_EXISTS", f"{requester!r} already fetched round {round_}"
                 )
-            if set(experts) != order:
+            if set(experts) != planned:
                 raise ServeRefused(
                     "INVALID_ARGUMENT",
-                    f"requested experts {sorted(set(experts))}, the plan orders {sorted(order)}",
+                    f"requested experts {sorted(set(experts))}, the plan orders {sorted(planned)}",
                 )
             snapshot = self._snapshots.get(round_)
             if snapshot is None:
                 raise ServeRefused("NOT_FOUND", f"no expert snapshot for round {round_}")
-            return [t for m in sorted(order) for t in snapshot[m]]
+            return [chunk for m in sorted(planned) for chunk in snapshot[m]]
 
     def mark_served(self, round_: int, requester: str) -> None:
         with self._cv:
             self._served.setdefault(round_, set()).add(requester)
+            self._cv.notify_all()
+
+    def retain(self, members: set[str]) -> None:
+        """Void the orders of peers that left the run: nobody waits for them any more."""
+        with self._cv:
+            for orders in self._orders.values():
+                for peer in set(orders) - members:
+                    del orders[peer]
+            self._cv.notify_all()
+
+    def release(self, round_: int, peers: set[str]) -> None:
+        """These peers are done with `round_` (they reported it): stop waiting for them."""
+        with self._cv:
+            orders = self._orders.get(round_, {})
+            for peer in peers & set(orders):
+                if peer not in self._served.get(round_, set()):
+                    del orders[peer]
             self._cv.notify_all()
 
     def wait_all_served(self, round_: int, timeout: float) -> list[str]:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import torch
 
 from common.accounting import ByteCounter
-from common.data import load_peer_data
+from common.auth import CredentialError, load_token
+from common.data import DataError, load_peer_data
 from common.grpc_options import SERVER_OPTIONS
 from common.netaddr import is_loopback_listen, split_host_port
+from common.tls import TlsFiles, add_port
+from peer.checkpoint import PeerCheckpoint
 from peer.coordinator_client import CoordinatorClient
 from peer.expert_client import ExpertClient
 from peer.expert_service import ExpertExchangeService, add_expert_exchange
@@ -49,34 +53,48 @@ def run_peer(
     data_dir: str | None,
     timeout: float,
     threads: int | None,
+    token_file: str | None = None,
+    state_dir: Path | None = None,
+    tls: TlsFiles | None = None,
 ) -> int:
     device = check_device(device)
+    try:
+        token = load_token(token_file)
+    except CredentialError as e:
+        raise SystemExit(f"peer: {e}") from e
+    if token is None:
+        raise SystemExit("peer: a join token is required: --token-file FILE or FEDMOE_TOKEN")
     if threads:
         torch.set_num_threads(threads)
     host, _ = split_host_port(listen)
     if advertise is None and host in WILDCARDS:
         raise SystemExit("peer: --advertise HOST:PORT is required when listening on all interfaces")
-    if not is_loopback_listen(listen):
-        log.warning("serving experts on %s without TLS: traffic is not encrypted", listen)
+    if tls is None and not is_loopback_listen(listen):
+        log.warning(
+            "serving experts on %s without TLS: traffic is not encrypted (use --tls)", listen
+        )
 
     counter = ByteCounter()
     store = ExpertStore(wait_timeout=timeout)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
-    coord = CoordinatorClient(coordinator, counter, chunk_bytes=1 << 20, timeout=timeout)
+    coord = CoordinatorClient(coordinator, counter, chunk_bytes=1 << 20, timeout=timeout, tls=tls)
+    add_expert_exchange(server, ExpertExchangeService(store, counter))
     try:
-        port = server.add_insecure_port(listen)
+        port = add_port(server, listen, tls)
     except RuntimeError as e:
         raise SystemExit(f"peer: cannot listen on {listen}: {e}") from e
     advertise = advertise or f"{host}:{port}"
-
-    add_expert_exchange(server, ExpertExchangeService(store, counter))
     server.start()
     try:
-        reply = coord.join(index, advertise, connect_timeout=timeout)
+        reply = coord.join(index, advertise, token, connect_timeout=timeout)
         cfg = reply.config
         coord.chunk_bytes = cfg.chunk_bytes
         log.info(
-            "joined as %s, run %s, serving experts at %s", reply.peer_id, cfg.run_id, advertise
+            "joined as %s, run %s, round %d, serving experts at %s",
+            reply.peer_id,
+            cfg.run_id,
+            reply.start_round,
+            advertise,
         )
         data = load_peer_data(
             cfg.dataset, data_dir or cfg.data_dir or None, cfg.peers, index, cfg.alpha, cfg.seed
@@ -87,14 +105,18 @@ def run_peer(
             reply.peer_id,
             trainer,
             coord,
-            ExpertClient(counter, timeout),
+            ExpertClient(counter, timeout, tls=tls),
             store,
             counter,
-            timeout,
+            serve_timeout=timeout,
+            checkpoint=PeerCheckpoint(state_dir, index) if state_dir else None,
+            heartbeat_seconds=max(0.2, reply.heartbeat_ms / 1000),
         )
         runner.run(reply.start_round)
     except grpc.RpcError as e:
         raise SystemExit(f"peer {index}: {e.code().name}: {e.details()}") from e
+    except DataError as e:
+        raise SystemExit(f"peer {index}: {e}") from e
     finally:
         server.stop(grace=2).wait()
         coord.close()

@@ -1,19 +1,29 @@
-"""The peer's round loop (DESIGN.md §1.4): train, upload, get the plan, fetch experts, merge, report."""
+"""The peer's round loop (DESIGN.md §1.4): train, upload, get the plan, fetch experts, merge, report.
+
+Failure handling: a heartbeat thread keeps the membership alive and learns who left; an upload
+refused as late, or a plan without us, makes the peer catch up from the latest aggregate; a
+coordinator that lost our upload (restart) gets it again; an expert source that fails twice is
+dropped and Eq. 10's weights are renormalised over what arrived.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import torch
 
+from common import faults
 from common.accounting import ByteCounter
 from common.config import is_sync_round, upload_prefixes
 from common.proto import pb
-from common.tensors import TensorSpec
-from common.torch_wire import TORCH_DTYPES, torch_to_wire, wire_to_torch
-from peer.coordinator_client import CoordinatorClient
+from common.tensors import TensorSpec, WireTensor
+from common.torch_wire import torch_to_wire, wire_to_torch
+from peer.checkpoint import PeerCheckpoint
+from peer.coordinator_client import CoordinatorClient, is_status
 from peer.expert_client import ExpertClient
 from peer.expert_merge import Term, merge_experts
 from peer.expert_store import ExpertStore
@@ -22,6 +32,11 @@ from peer.trainer import LocalTrainer
 log = logging.getLogger("fedmoe.peer")
 
 Experts = dict[int, dict[str, torch.Tensor]]
+FETCH_ATTEMPTS = 2
+
+
+class Late(Exception):
+    """The round went on without us; carry on from the latest aggregate."""
 
 
 class PeerRunner:
@@ -35,6 +50,8 @@ class PeerRunner:
         store: ExpertStore,
         counter: ByteCounter,
         serve_timeout: float,
+        checkpoint: PeerCheckpoint | None = None,
+        heartbeat_seconds: float = 2.0,
     ) -> None:
         self.cfg = cfg
         self.peer_id = peer_id
@@ -44,13 +61,79 @@ class PeerRunner:
         self.store = store
         self.counter = counter
         self.serve_timeout = serve_timeout
+        self.checkpoint = checkpoint
+        self.heartbeat_seconds = heartbeat_seconds
         self.fetch_failures: list[str] = []
+        self.round = 1
+        self._stop = threading.Event()
+        # Traffic is counted under the round whose report is not yet sent; the lock keeps a
+        # heartbeat from landing between a report's snapshot of the counts and its sending.
+        self._accounting = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
 
     def run(self, start_round: int = 1) -> None:
-        for round_ in range(start_round, self.cfg.rounds + 1):
-            ack = self.run_round(round_)
-            if ack.run_finished:
-                return
+        self.round = start_round
+        resumed = self._resume_from_checkpoint()
+        if start_round > 1 or resumed:
+            self.round = self._catch_up()
+        beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            while self.round <= self.cfg.rounds:
+                try:
+                    ack = self.run_round(self.round)
+                except Late as late:
+                    log.warning("round %d: %s; catching up", self.round, late)
+                    skipped = self.round
+                    with self._accounting:
+                        self.round = self._catch_up()
+                        self.counter.carry(skipped, self.round)
+                    continue
+                faults.at_round_end(self.round - 1)  # run_round moved self.round on
+                if ack.run_finished:
+                    return
+        finally:
+            self._stop.set()
+
+    def _resume_from_checkpoint(self) -> bool:
+        if self.checkpoint is None:
+            return False
+        saved = self.checkpoint.load(self.cfg.run_id)
+        if saved is None:
+            return False
+        round_, state = saved
+        self.trainer.load(state)
+        log.info("resumed the model of round %d from %s", round_, self.checkpoint.path)
+        return True
+
+    def _catch_up(self) -> int:
+        """Load the latest aggregate; returns the round to work on next."""
+        prefixes = upload_prefixes(self.cfg, 1)
+        if not prefixes:  # local: nothing shared, just continue where the run is
+            return self.round
+        plan, shared = self.coordinator.latest(
+            self.round, self._expected(("embedding.", "gate.", "experts."))
+        )
+        self.trainer.load({n: wire_to_torch(t, torch.float32) for n, t in shared.items()})
+        log.info("caught up to the aggregate of round %d", plan.round)
+        return plan.round + 1
+
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            with self._accounting:
+                if self._stop.is_set():
+                    return
+                round_ = self.round
+                try:
+                    reply = self.coordinator.heartbeat(round_, timeout=self.heartbeat_seconds * 2)
+                except grpc.RpcError as e:
+                    log.debug("heartbeat failed: %s", e.code())
+                    continue
+            self.store.retain(set(reply.alive))
+            self.store.release(round_, set(reply.reported))
+
+    # ------------------------------------------------------------------ one round
 
     def run_round(self, round_: int) -> pb.MetricsAck:
         started = time.perf_counter()
@@ -67,10 +150,14 @@ class PeerRunner:
             uploads = [
                 torch_to_wire(n, t, pb.FLOAT32) for n, t in self.trainer.tensors(prefixes).items()
             ]
-            self.coordinator.submit(self.peer_id, round_, self.trainer.num_samples, uploads)
-            plan, shared = self.coordinator.round_result(self.peer_id, round_)
+            try:
+                plan, shared = self._exchange_with_coordinator(round_, uploads)
+            except Late:
+                self.store.drop(round_)
+                raise
             if plan.sync and snapshot is not None:
-                self.store.set_orders(round_, {o.peer_id: list(o.experts) for o in plan.serves})
+                orders = {o.peer_id: (list(o.experts), o.ticket) for o in plan.serves}
+                self.store.set_orders(round_, orders)
                 fetched = self._exchange_experts(round_, plan, snapshot)
             self.trainer.load({n: wire_to_torch(t, torch.float32) for n, t in shared.items()})
         exchanged = time.perf_counter()
@@ -83,14 +170,20 @@ class PeerRunner:
             if never:
                 log.warning("round %d: planned fetches never came from %s", round_, never)
             self.store.drop(round_)
-        c = self.counter.round_counts(round_)
+        if self.checkpoint is not None:
+            self.checkpoint.save(self.cfg.run_id, round_, self.trainer.model)
+        with self._accounting:
+            counts = self.counter.round_counts(round_)
+            self.round = round_ + 1  # from here on, traffic belongs to the next round
+            if round_ == self.cfg.rounds:
+                self._stop.set()  # no heartbeats after the last report: nothing would count them
         report = pb.MetricsReport(
             peer_id=self.peer_id,
             round=round_,
             accuracy=accuracy,
             loss=loss,
             global_accuracy=global_accuracy,
-            bytes=pb.ByteCounts(**c),
+            bytes=pb.ByteCounts(**counts),
             seconds=time.perf_counter() - started,
             train_seconds=trained - started,
             exchange_seconds=exchanged - trained,
@@ -107,12 +200,41 @@ class PeerRunner:
         )
         return self.coordinator.report(report)
 
-    def _wire_experts(self, snapshot: Experts) -> dict[int, list]:
+    def _exchange_with_coordinator(
+        self, round_: int, uploads: list[WireTensor]
+    ) -> tuple[pb.Plan, dict[str, WireTensor]]:
+        expected = self._expected(tuple(upload_prefixes(self.cfg, round_)))
+        for _ in range(3):
+            try:
+                self.coordinator.submit(round_, self.trainer.num_samples, uploads)
+            except grpc.RpcError as e:
+                if is_status(e, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise Late(e.details()) from e  # type: ignore[attr-defined]
+                raise
+            try:
+                return self.coordinator.round_result(round_, expected)
+            except grpc.RpcError as e:
+                if is_status(e, grpc.StatusCode.NOT_FOUND):  # coordinator restarted without it
+                    log.warning("round %d: coordinator lost our upload; sending it again", round_)
+                    continue
+                if is_status(e, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise Late(e.details()) from e  # type: ignore[attr-defined]
+                raise
+        raise RuntimeError(f"round {round_}: the coordinator kept losing our upload")
+
+    def _expected(self, prefixes: tuple[str, ...]) -> dict[str, TensorSpec]:
+        """What the coordinator may send us: these parameters of our model, as float32."""
+        return {
+            n: TensorSpec(tuple(t.shape), frozenset({pb.FLOAT32}))
+            for n, t in self.trainer.tensors(prefixes).items()
+        }
+
+    def _wire_experts(self, snapshot: Experts) -> dict[int, list[WireTensor]]:
         dtype = self.cfg.expert_wire_dtype
         return {m: [torch_to_wire(n, t, dtype) for n, t in p.items()] for m, p in snapshot.items()}
 
     def _exchange_experts(self, round_: int, plan: pb.Plan, snapshot: Experts) -> int:
-        addresses = {s.peer_id: s.address for s in plan.sources}
+        sources = {s.peer_id: s for s in plan.sources}
         needed: dict[str, set[int]] = {}
         for row in plan.rows:
             for t in row.terms:
@@ -128,7 +250,22 @@ class PeerRunner:
                 for n in experts
                 for p, shape in shapes.items()
             }
-            tensors = self.experts.fetch(addresses[source], self.peer_id, round_, experts, expected)
+            for attempt in range(1, FETCH_ATTEMPTS + 1):
+                try:
+                    tensors = self.experts.fetch(
+                        sources[source].address,
+                        self.peer_id,
+                        round_,
+                        experts,
+                        expected,
+                        ticket=sources[source].ticket,
+                    )
+                    break
+                except Exception as e:
+                    if attempt == FETCH_ATTEMPTS:
+                        raise
+                    log.warning("round %d: fetch from %s failed (%s); retrying", round_, source, e)
+                    time.sleep(0.5)
             out: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
             for name, tensor in tensors.items():
                 n = int(name.split(".", 2)[1])
@@ -142,10 +279,8 @@ class PeerRunner:
                 for source, future in futures.items():
                     try:
                         fetched.update(future.result())
-                    except Exception as e:  # a source that fails is left out (Eq. 10 renormalised)
-                        log.warning(
-                            "round %d: fetching experts from %s failed: %s", round_, source, e
-                        )
+                    except Exception as e:  # a failed source is left out (Eq. 10 renormalised)
+                        log.warning("round %d: dropped source %s: %s", round_, source, e)
                         self.fetch_failures.append(f"round {round_}: {source}: {e}")
         rows = {
             row.expert: [Term(t.peer_id, t.expert, t.weight) for t in row.terms]
@@ -158,6 +293,3 @@ class PeerRunner:
             )
         self.trainer.load({n: t for params in merged.values() for n, t in params.items()})
         return len(fetched)
-
-
-__all__ = ["PeerRunner", "TORCH_DTYPES"]

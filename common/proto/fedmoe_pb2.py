@@ -24,55 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x66\x65\x64moe.proto\x12\tfedmoe.v1\"\x8d\x01\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.fedmoe.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x07 \x01(\x07\"\xe1\x03\n\tRunConfig\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\'\n\talgorithm\x18\x02 \x01(\x0e\x32\x14.fedmoe.v1.Algorithm\x12\r\n\x05peers\x18\x03 \x01(\r\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0f\n\x07\x64\x61taset\x18\n \x01(\t\x12\x10\n\x08\x64\x61ta_dir\x18\x0b \x01(\t\x12\r\n\x05\x61lpha\x18\x0c \x01(\x01\x12\x11\n\tembed_dim\x18\x14 \x01(\r\x12\x13\n\x0bnum_experts\x18\x15 \x01(\r\x12\r\n\x05top_k\x18\x16 \x01(\r\x12\x15\n\rexpert_hidden\x18\x17 \x01(\r\x12\x14\n\x0c\x62\x61lance_coef\x18\x18 \x01(\x01\x12\x14\n\x0clocal_epochs\x18\x1e \x01(\r\x12\x12\n\nbatch_size\x18\x1f \x01(\r\x12\n\n\x02lr\x18  \x01(\x01\x12\x10\n\x08momentum\x18! \x01(\x01\x12\x11\n\tneighbors\x18( \x01(\r\x12\x13\n\x0btemperature\x18) \x01(\x01\x12\x12\n\nsync_every\x18* \x01(\r\x12\x12\n\nintra_peer\x18+ \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\x32 \x01(\r\x12+\n\x11\x65xpert_wire_dtype\x18\x33 \x01(\x0e\x32\x10.fedmoe.v1.DType\"/\n\x0bJoinRequest\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\tadvertise\x18\x02 \x01(\t\"W\n\tJoinReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12$\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x14.fedmoe.v1.RunConfig\x12\x13\n\x0bstart_round\x18\x03 \x01(\r\"C\n\x0cUpdateHeader\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\"h\n\nUpdatePart\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedmoe.v1.UpdateHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorChunkH\x00\x42\x06\n\x04part\"+\n\tUpdateAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0f\n\x07tensors\x18\x02 \x01(\x04\".\n\x0cRoundRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\";\n\x08PlanTerm\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"=\n\x07PlanRow\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\r\x12\"\n\x05terms\x18\x02 \x03(\x0b\x32\x13.fedmoe.v1.PlanTerm\"/\n\x0bPeerAddress\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\".\n\nServeOrder\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"\xb0\x01\n\x04Plan\x12\r\n\x05round\x18\x01 \x01(\r\x12\x19\n\x11\x65mbedding_version\x18\x02 \x01(\r\x12\x0c\n\x04sync\x18\x03 \x01(\x08\x12 \n\x04rows\x18\x04 \x03(\x0b\x32\x12.fedmoe.v1.PlanRow\x12\'\n\x07sources\x18\x05 \x03(\x0b\x32\x16.fedmoe.v1.PeerAddress\x12%\n\x06serves\x18\x06 \x03(\x0b\x32\x15.fedmoe.v1.ServeOrder\"c\n\x0fRoundResultPart\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x0f.fedmoe.v1.PlanH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorChunkH\x00\x42\x06\n\x04part\"l\n\nByteCounts\x12\x18\n\x10\x63oordinator_sent\x18\x01 \x01(\x04\x12\x1c\n\x14\x63oordinator_received\x18\x02 \x01(\x04\x12\x10\n\x08p2p_sent\x18\x03 \x01(\x04\x12\x14\n\x0cp2p_received\x18\x04 \x01(\x04\"\xfe\x01\n\rMetricsReport\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x17\n\x0fglobal_accuracy\x18\x05 \x01(\x01\x12$\n\x05\x62ytes\x18\x06 \x01(\x0b\x32\x15.fedmoe.v1.ByteCounts\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x15\n\rtrain_seconds\x18\x08 \x01(\x01\x12\x18\n\x10\x65xchange_seconds\x18\t \x01(\x01\x12\x17\n\x0f\x65xperts_fetched\x18\n \x01(\r\x12\x13\n\x0bnum_samples\x18\x0b \x01(\x04\"1\n\nMetricsAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0crun_finished\x18\x02 \x01(\x08\"E\n\rExpertRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\r*t\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05UINT8\x10\x07*L\n\tAlgorithm\x12\x19\n\x15\x41LGORITHM_UNSPECIFIED\x10\x00\x12\r\n\tFEDMOE_DA\x10\x01\x12\n\n\x06\x46\x45\x44\x41VG\x10\x02\x12\t\n\x05LOCAL\x10\x03\x32\x8d\x02\n\x0b\x43oordinator\x12\x34\n\x04Join\x12\x16.fedmoe.v1.JoinRequest\x1a\x14.fedmoe.v1.JoinReply\x12=\n\x0cSubmitUpdate\x12\x15.fedmoe.v1.UpdatePart\x1a\x14.fedmoe.v1.UpdateAck(\x01\x12G\n\x0eGetRoundResult\x12\x17.fedmoe.v1.RoundRequest\x1a\x1a.fedmoe.v1.RoundResultPart0\x01\x12@\n\rReportMetrics\x12\x18.fedmoe.v1.MetricsReport\x1a\x15.fedmoe.v1.MetricsAck2T\n\x0e\x45xpertExchange\x12\x42\n\x0c\x46\x65tchExperts\x12\x18.fedmoe.v1.ExpertRequest\x1a\x16.fedmoe.v1.TensorChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x66\x65\x64moe.proto\x12\tfedmoe.v1\"\x8d\x01\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.fedmoe.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x07 \x01(\x07\"\xa1\x04\n\tRunConfig\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\'\n\talgorithm\x18\x02 \x01(\x0e\x32\x14.fedmoe.v1.Algorithm\x12\r\n\x05peers\x18\x03 \x01(\r\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0f\n\x07\x64\x61taset\x18\n \x01(\t\x12\x10\n\x08\x64\x61ta_dir\x18\x0b \x01(\t\x12\r\n\x05\x61lpha\x18\x0c \x01(\x01\x12\x11\n\tembed_dim\x18\x14 \x01(\r\x12\x13\n\x0bnum_experts\x18\x15 \x01(\r\x12\r\n\x05top_k\x18\x16 \x01(\r\x12\x15\n\rexpert_hidden\x18\x17 \x01(\r\x12\x14\n\x0c\x62\x61lance_coef\x18\x18 \x01(\x01\x12\x14\n\x0clocal_epochs\x18\x1e \x01(\r\x12\x12\n\nbatch_size\x18\x1f \x01(\r\x12\n\n\x02lr\x18  \x01(\x01\x12\x10\n\x08momentum\x18! \x01(\x01\x12\x11\n\tneighbors\x18( \x01(\r\x12\x13\n\x0btemperature\x18) \x01(\x01\x12\x12\n\nsync_every\x18* \x01(\r\x12\x12\n\nintra_peer\x18+ \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\x32 \x01(\r\x12+\n\x11\x65xpert_wire_dtype\x18\x33 \x01(\x0e\x32\x10.fedmoe.v1.DType\x12\x11\n\tmin_peers\x18< \x01(\r\x12\x15\n\rround_timeout\x18= \x01(\x01\x12\x14\n\x0cpeer_timeout\x18> \x01(\x01\"/\n\x0bJoinRequest\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\tadvertise\x18\x02 \x01(\t\"~\n\tJoinReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12$\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x14.fedmoe.v1.RunConfig\x12\x13\n\x0bstart_round\x18\x03 \x01(\r\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x14\n\x0cheartbeat_ms\x18\x05 \x01(\r\"C\n\x0cUpdateHeader\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\"h\n\nUpdatePart\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedmoe.v1.UpdateHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorChunkH\x00\x42\x06\n\x04part\"+\n\tUpdateAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0f\n\x07tensors\x18\x02 \x01(\x04\".\n\x0cRoundRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\";\n\x08PlanTerm\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"=\n\x07PlanRow\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\r\x12\"\n\x05terms\x18\x02 \x03(\x0b\x32\x13.fedmoe.v1.PlanTerm\"?\n\x0bPeerAddress\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06ticket\x18\x03 \x01(\t\">\n\nServeOrder\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x0e\n\x06ticket\x18\x03 \x01(\t\"\xb0\x01\n\x04Plan\x12\r\n\x05round\x18\x01 \x01(\r\x12\x19\n\x11\x65mbedding_version\x18\x02 \x01(\r\x12\x0c\n\x04sync\x18\x03 \x01(\x08\x12 \n\x04rows\x18\x04 \x03(\x0b\x32\x12.fedmoe.v1.PlanRow\x12\'\n\x07sources\x18\x05 \x03(\x0b\x32\x16.fedmoe.v1.PeerAddress\x12%\n\x06serves\x18\x06 \x03(\x0b\x32\x15.fedmoe.v1.ServeOrder\"c\n\x0fRoundResultPart\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x0f.fedmoe.v1.PlanH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorChunkH\x00\x42\x06\n\x04part\"l\n\nByteCounts\x12\x18\n\x10\x63oordinator_sent\x18\x01 \x01(\x04\x12\x1c\n\x14\x63oordinator_received\x18\x02 \x01(\x04\x12\x10\n\x08p2p_sent\x18\x03 \x01(\x04\x12\x14\n\x0cp2p_received\x18\x04 \x01(\x04\"\xfe\x01\n\rMetricsReport\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x17\n\x0fglobal_accuracy\x18\x05 \x01(\x01\x12$\n\x05\x62ytes\x18\x06 \x01(\x0b\x32\x15.fedmoe.v1.ByteCounts\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x15\n\rtrain_seconds\x18\x08 \x01(\x01\x12\x18\n\x10\x65xchange_seconds\x18\t \x01(\x01\x12\x17\n\x0f\x65xperts_fetched\x18\n \x01(\r\x12\x13\n\x0bnum_samples\x18\x0b \x01(\x04\"1\n\nMetricsAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0crun_finished\x18\x02 \x01(\x08\"2\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"[\n\x0eHeartbeatReply\x12\x12\n\nopen_round\x18\x01 \x01(\r\x12\r\n\x05\x61live\x18\x02 \x03(\t\x12\x14\n\x0crun_finished\x18\x03 \x01(\x08\x12\x10\n\x08reported\x18\x04 \x03(\t\"/\n\rLatestRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"U\n\rExpertRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\r\x12\x0e\n\x06ticket\x18\x04 \x01(\t*t\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05UINT8\x10\x07*L\n\tAlgorithm\x12\x19\n\x15\x41LGORITHM_UNSPECIFIED\x10\x00\x12\r\n\tFEDMOE_DA\x10\x01\x12\n\n\x06\x46\x45\x44\x41VG\x10\x02\x12\t\n\x05LOCAL\x10\x03\x32\x9c\x03\n\x0b\x43oordinator\x12\x34\n\x04Join\x12\x16.fedmoe.v1.JoinRequest\x1a\x14.fedmoe.v1.JoinReply\x12=\n\x0cSubmitUpdate\x12\x15.fedmoe.v1.UpdatePart\x1a\x14.fedmoe.v1.UpdateAck(\x01\x12G\n\x0eGetRoundResult\x12\x17.fedmoe.v1.RoundRequest\x1a\x1a.fedmoe.v1.RoundResultPart0\x01\x12@\n\rReportMetrics\x12\x18.fedmoe.v1.MetricsReport\x1a\x15.fedmoe.v1.MetricsAck\x12\x43\n\tHeartbeat\x12\x1b.fedmoe.v1.HeartbeatRequest\x1a\x19.fedmoe.v1.HeartbeatReply\x12H\n\x0eGetLatestModel\x12\x18.fedmoe.v1.LatestRequest\x1a\x1a.fedmoe.v1.RoundResultPart0\x01\x32T\n\x0e\x45xpertExchange\x12\x42\n\x0c\x46\x65tchExperts\x12\x18.fedmoe.v1.ExpertRequest\x1a\x16.fedmoe.v1.TensorChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedmoe_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2051
-  _globals['_DTYPE']._serialized_end=2167
-  _globals['_ALGORITHM']._serialized_start=2169
-  _globals['_ALGORITHM']._serialized_end=2245
+  _globals['_DTYPE']._serialized_start=2396
+  _globals['_DTYPE']._serialized_end=2512
+  _globals['_ALGORITHM']._serialized_start=2514
+  _globals['_ALGORITHM']._serialized_end=2590
   _globals['_TENSORCHUNK']._serialized_start=28
   _globals['_TENSORCHUNK']._serialized_end=169
   _globals['_RUNCONFIG']._serialized_start=172
-  _globals['_RUNCONFIG']._serialized_end=653
-  _globals['_JOINREQUEST']._serialized_start=655
-  _globals['_JOINREQUEST']._serialized_end=702
-  _globals['_JOINREPLY']._serialized_start=704
-  _globals['_JOINREPLY']._serialized_end=791
-  _globals['_UPDATEHEADER']._serialized_start=793
-  _globals['_UPDATEHEADER']._serialized_end=860
-  _globals['_UPDATEPART']._serialized_start=862
-  _globals['_UPDATEPART']._serialized_end=966
-  _globals['_UPDATEACK']._serialized_start=968
-  _globals['_UPDATEACK']._serialized_end=1011
-  _globals['_ROUNDREQUEST']._serialized_start=1013
-  _globals['_ROUNDREQUEST']._serialized_end=1059
-  _globals['_PLANTERM']._serialized_start=1061
-  _globals['_PLANTERM']._serialized_end=1120
-  _globals['_PLANROW']._serialized_start=1122
-  _globals['_PLANROW']._serialized_end=1183
-  _globals['_PEERADDRESS']._serialized_start=1185
-  _globals['_PEERADDRESS']._serialized_end=1232
-  _globals['_SERVEORDER']._serialized_start=1234
-  _globals['_SERVEORDER']._serialized_end=1280
-  _globals['_PLAN']._serialized_start=1283
-  _globals['_PLAN']._serialized_end=1459
-  _globals['_ROUNDRESULTPART']._serialized_start=1461
-  _globals['_ROUNDRESULTPART']._serialized_end=1560
-  _globals['_BYTECOUNTS']._serialized_start=1562
-  _globals['_BYTECOUNTS']._serialized_end=1670
-  _globals['_METRICSREPORT']._serialized_start=1673
-  _globals['_METRICSREPORT']._serialized_end=1927
-  _globals['_METRICSACK']._serialized_start=1929
-  _globals['_METRICSACK']._serialized_end=1978
-  _globals['_EXPERTREQUEST']._serialized_start=1980
-  _globals['_EXPERTREQUEST']._serialized_end=2049
-  _globals['_COORDINATOR']._serialized_start=2248
-  _globals['_COORDINATOR']._serialized_end=2517
-  _globals['_EXPERTEXCHANGE']._serialized_start=2519
-  _globals['_EXPERTEXCHANGE']._serialized_end=2603
+  _globals['_RUNCONFIG']._serialized_end=717
+  _globals['_JOINREQUEST']._serialized_start=719
+  _globals['_JOINREQUEST']._serialized_end=766
+  _globals['_JOINREPLY']._serialized_start=768
+  _globals['_JOINREPLY']._serialized_end=894
+  _globals['_UPDATEHEADER']._serialized_start=896
+  _globals['_UPDATEHEADER']._serialized_end=963
+  _globals['_UPDATEPART']._serialized_start=965
+  _globals['_UPDATEPART']._serialized_end=1069
+  _globals['_UPDATEACK']._serialized_start=1071
+  _globals['_UPDATEACK']._serialized_end=1114
+  _globals['_ROUNDREQUEST']._serialized_start=1116
+  _globals['_ROUNDREQUEST']._serialized_end=1162
+  _globals['_PLANTERM']._serialized_start=1164
+  _globals['_PLANTERM']._serialized_end=1223
+  _globals['_PLANROW']._serialized_start=1225
+  _globals['_PLANROW']._serialized_end=1286
+  _globals['_PEERADDRESS']._serialized_start=1288
+  _globals['_PEERADDRESS']._serialized_end=1351
+  _globals['_SERVEORDER']._serialized_start=1353
+  _globals['_SERVEORDER']._serialized_end=1415
+  _globals['_PLAN']._serialized_start=1418
+  _globals['_PLAN']._serialized_end=1594
+  _globals['_ROUNDRESULTPART']._serialized_start=1596
+  _globals['_ROUNDRESULTPART']._serialized_end=1695
+  _globals['_BYTECOUNTS']._serialized_start=1697
+  _globals['_BYTECOUNTS']._serialized_end=1805
+  _globals['_METRICSREPORT']._serialized_start=1808
+  _globals['_METRICSREPORT']._serialized_end=2062
+  _globals['_METRICSACK']._serialized_start=2064
+  _globals['_METRICSACK']._serialized_end=2113
+  _globals['_HEARTBEATREQUEST']._serialized_start=2115
+  _globals['_HEARTBEATREQUEST']._serialized_end=2165
+  _globals['_HEARTBEATREPLY']._serialized_start=2167
+  _globals['_HEARTBEATREPLY']._serialized_end=2258
+  _globals['_LATESTREQUEST']._serialized_start=2260
+  _globals['_LATESTREQUEST']._serialized_end=2307
+  _globals['_EXPERTREQUEST']._serialized_start=2309
+  _globals['_EXPERTREQUEST']._serialized_end=2394
+  _globals['_COORDINATOR']._serialized_start=2593
+  _globals['_COORDINATOR']._serialized_end=3005
+  _globals['_EXPERTEXCHANGE']._serialized_start=3007
+  _globals['_EXPERTEXCHANGE']._serialized_end=3091
 # @@protoc_insertion_point(module_scope)

@@ -56,7 +56,7 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "algorithm", "peers", "rounds", "seed", "dataset", "data_dir", "alpha", "embed_dim", "num_experts", "top_k", "expert_hidden", "balance_coef", "local_epochs", "batch_size", "lr", "momentum", "neighbors", "temperature", "sync_every", "intra_peer", "chunk_bytes", "expert_wire_dtype")
+    __slots__ = ("run_id", "algorithm", "peers", "rounds", "seed", "dataset", "data_dir", "alpha", "embed_dim", "num_experts", "top_k", "expert_hidden", "balance_coef", "local_epochs", "batch_size", "lr", "momentum", "neighbors", "temperature", "sync_every", "intra_peer", "chunk_bytes", "expert_wire_dtype", "min_peers", "round_timeout", "peer_timeout")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,9 @@ class RunConfig(_message.Message):
     INTRA_PEER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPERT_WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MIN_PEERS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    PEER_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     algorithm: Algorithm
     peers: int
@@ -103,7 +106,10 @@ class RunConfig(_message.Message):
     intra_peer: bool
     chunk_bytes: int
     expert_wire_dtype: DType
-    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., peers: _Optional[int] = ..., rounds: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., data_dir: _Optional[str] = ..., alpha: _Optional[float] = ..., embed_dim: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_hidden: _Optional[int] = ..., balance_coef: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., neighbors: _Optional[int] = ..., temperature: _Optional[float] = ..., sync_every: _Optional[int] = ..., intra_peer: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., expert_wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    min_peers: int
+    round_timeout: float
+    peer_timeout: float
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., peers: _Optional[int] = ..., rounds: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., data_dir: _Optional[str] = ..., alpha: _Optional[float] = ..., embed_dim: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_hidden: _Optional[int] = ..., balance_coef: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., neighbors: _Optional[int] = ..., temperature: _Optional[float] = ..., sync_every: _Optional[int] = ..., intra_peer: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., expert_wire_dtype: _Optional[_Union[DType, str]] = ..., min_peers: _Optional[int] = ..., round_timeout: _Optional[float] = ..., peer_timeout: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("index", "advertise")
@@ -114,14 +120,18 @@ class JoinRequest(_message.Message):
     def __init__(self, index: _Optional[int] = ..., advertise: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("peer_id", "config", "start_round")
+    __slots__ = ("peer_id", "config", "start_round", "session", "heartbeat_ms")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     START_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     config: RunConfig
     start_round: int
-    def __init__(self, peer_id: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., start_round: _Optional[int] = ...) -> None: ...
+    session: str
+    heartbeat_ms: int
+    def __init__(self, peer_id: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., start_round: _Optional[int] = ..., session: _Optional[str] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("peer_id", "round", "num_samples")
@@ -176,20 +186,24 @@ class PlanRow(_message.Message):
     def __init__(self, expert: _Optional[int] = ..., terms: _Optional[_Iterable[_Union[PlanTerm, _Mapping]]] = ...) -> None: ...
 
 class PeerAddress(_message.Message):
-    __slots__ = ("peer_id", "address")
+    __slots__ = ("peer_id", "address", "ticket")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    ticket: str
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., ticket: _Optional[str] = ...) -> None: ...
 
 class ServeOrder(_message.Message):
-    __slots__ = ("peer_id", "experts")
+    __slots__ = ("peer_id", "experts", "ticket")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, peer_id: _Optional[str] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    ticket: str
+    def __init__(self, peer_id: _Optional[str] = ..., experts: _Optional[_Iterable[int]] = ..., ticket: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("round", "embedding_version", "sync", "rows", "sources", "serves")
@@ -261,12 +275,42 @@ class MetricsAck(_message.Message):
     run_finished: bool
     def __init__(self, round: _Optional[int] = ..., run_finished: _Optional[bool] = ...) -> None: ...
 
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("peer_id", "round")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    round: int
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("open_round", "alive", "run_finished", "reported")
+    OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    open_round: int
+    alive: _containers.RepeatedScalarFieldContainer[str]
+    run_finished: bool
+    reported: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, open_round: _Optional[int] = ..., alive: _Optional[_Iterable[str]] = ..., run_finished: _Optional[bool] = ..., reported: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LatestRequest(_message.Message):
+    __slots__ = ("peer_id", "round")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    round: int
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
 class ExpertRequest(_message.Message):
-    __slots__ = ("requester_id", "round", "experts")
+    __slots__ = ("requester_id", "round", "experts", "ticket")
     REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     requester_id: str
     round: int
     experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, requester_id: _Optional[str] = ..., round: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    ticket: str
+    def __init__(self, requester_id: _Optional[str] = ..., round: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., ticket: _Optional[str] = ...) -> None: ...

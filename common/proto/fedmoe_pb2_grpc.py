@@ -54,6 +54,16 @@ class CoordinatorStub:
                 request_serializer=fedmoe__pb2.MetricsReport.SerializeToString,
                 response_deserializer=fedmoe__pb2.MetricsAck.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/fedmoe.v1.Coordinator/Heartbeat',
+                request_serializer=fedmoe__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=fedmoe__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
+        self.GetLatestModel = channel.unary_stream(
+                '/fedmoe.v1.Coordinator/GetLatestModel',
+                request_serializer=fedmoe__pb2.LatestRequest.SerializeToString,
+                response_deserializer=fedmoe__pb2.RoundResultPart.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -86,6 +96,21 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Liveness: a member silent for longer than the peer timeout is left out of plans.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLatestModel(self, request, context):
+        """Catch-up for a peer that rejoined or fell behind: the plan message (no rows) names
+        the last closed round, followed by the current aggregate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +133,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=fedmoe__pb2.MetricsReport.FromString,
                     response_serializer=fedmoe__pb2.MetricsAck.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=fedmoe__pb2.HeartbeatRequest.FromString,
+                    response_serializer=fedmoe__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'GetLatestModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetLatestModel,
+                    request_deserializer=fedmoe__pb2.LatestRequest.FromString,
+                    response_serializer=fedmoe__pb2.RoundResultPart.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +253,60 @@ class Coordinator:
             '/fedmoe.v1.Coordinator/ReportMetrics',
             fedmoe__pb2.MetricsReport.SerializeToString,
             fedmoe__pb2.MetricsAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmoe.v1.Coordinator/Heartbeat',
+            fedmoe__pb2.HeartbeatRequest.SerializeToString,
+            fedmoe__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLatestModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedmoe.v1.Coordinator/GetLatestModel',
+            fedmoe__pb2.LatestRequest.SerializeToString,
+            fedmoe__pb2.RoundResultPart.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,50 @@
+"""Run credentials: the join token, and the gRPC metadata keys that carry secrets.
+
+A token is read from a file (`--token-file`) or the FEDMOE_TOKEN environment variable, never from
+the command line, where every user of the machine could read it in the process list.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+TOKEN_METADATA = "x-fedmoe-token"
+SESSION_METADATA = "x-fedmoe-session"
+TOKEN_ENV = "FEDMOE_TOKEN"
+MIN_TOKEN_CHARS = 16
+
+
+class CredentialError(ValueError):
+    pass
+
+
+def load_token(token_file: str | Path | None) -> str | None:
+    """The token from the file if given, else from FEDMOE_TOKEN, else None."""
+    if token_file:
+        path = Path(token_file)
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise CredentialError(f"cannot read token file {path}: {e.strerror}") from e
+        if path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
+            # Not fatal (bind-mounted secrets are often 0644), but worth saying.
+            print(f"warning: token file {path} is readable by other users", flush=True)
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        if not token:
+            return None
+    if len(token) < MIN_TOKEN_CHARS:
+        raise CredentialError(f"the join token must have at least {MIN_TOKEN_CHARS} characters")
+    return token
+
+
+def new_token_file(path: Path) -> str:
+    """Create a random token, readable by the owner only."""
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
