@@ -17,6 +17,13 @@ from typing import Any
 import numpy as np
 
 DATASETS = ("digits", "cifar10", "synthetic")
+# Shape of one sample and number of classes, known without loading anything (the coordinator
+# derives the model's tensor schema from these).
+DATASET_SPECS: dict[str, tuple[tuple[int, ...], int]] = {
+    "digits": ((64,), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "synthetic": ((32,), 10),
+}
 
 # The synthetic task (class means) must be identical for every run, so it has its own constant seed.
 _SYNTHETIC_TASK_SEED = 20240601

@@ -129,7 +129,6 @@ class CoordinatorCheckpoint:
             },
             "tensors_received": sorted(book.tensors_received),
             "events": book.events,
-            "schema": {n: list(s) for n, s in book._schema.items()},
         }
         data = json.dumps(state, sort_keys=True).encode()
         atomic_write(self.dir / STATE, lambda f: f.write(data))
@@ -174,7 +173,6 @@ class CoordinatorCheckpoint:
             book.closed[r] = ClosedRound(outcome, c["participants"], tickets, now)
         book.tensors_received = set(state["tensors_received"])
         book.events = state["events"]
-        book._schema = {n: tuple(s) for n, s in state["schema"].items()}
         folder = self.dir / "updates" / str(book.closed_round + 1)
         if folder.is_dir():
             for f in sorted(folder.glob("*.npz")):

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.config import upload_prefixes
+from common.model_schema import model_schema
 from common.proto import pb
 from coordinator.strategies import PeerUpdate, RoundOutcome, Strategy, Term
 
@@ -106,7 +107,7 @@ class RoundBook:
         self.tensors_received: set[str] = set()
         self.events: list[dict[str, Any]] = []
         self.failure: str | None = None
-        self._schema: dict[str, tuple[int, ...]] = {}
+        self._schema = model_schema(cfg)
 
     # ------------------------------------------------------------------ membership
 
@@ -204,26 +205,22 @@ class RoundBook:
             self._maybe_close()
 
     def _check_schema(self, round_: int, tensors: dict[str, np.ndarray]) -> None:
-        """Every peer's upload must have the names and shapes the run uses (same model)."""
-        expected = upload_prefixes(self.cfg, round_)
-        known = {n: s for n, s in self._schema.items() if n.startswith(expected)}
-        if known and set(tensors) != set(known):
-            extra, lacking = sorted(set(tensors) - set(known)), sorted(set(known) - set(tensors))
+        """An upload must hold exactly the parameters this round shares, with the model's shapes."""
+        prefixes = upload_prefixes(self.cfg, round_)
+        expected = {n: s for n, s in self._schema.items() if n.startswith(prefixes)}
+        extra, lacking = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+        if extra or lacking:
             raise Refused(
                 "INVALID_ARGUMENT",
                 f"upload does not match the model: unexpected {extra[:3]}, missing {lacking[:3]}",
             )
         for name, array in tensors.items():
-            shape = known.get(name)
-            if shape is not None and shape != tuple(array.shape):
+            if tuple(array.shape) != expected[name]:
                 raise Refused(
                     "INVALID_ARGUMENT",
-                    f"tensor {name!r} has shape {list(array.shape)}, the run uses {list(shape)}",
+                    f"tensor {name!r} has shape {list(array.shape)}, the model has "
+                    f"{list(expected[name])}",
                 )
-        if not tensors:
-            raise Refused("INVALID_ARGUMENT", "upload has no tensors")
-        for name, array in tensors.items():
-            self._schema.setdefault(name, tuple(array.shape))
 
     def _maybe_close(self) -> None:
         if not self.uploads or self.closed_round >= self.cfg.rounds or self.failure:

@@ -86,7 +86,17 @@ def run_peer(
     advertise = advertise or f"{host}:{port}"
     server.start()
     try:
-        reply = coord.join(index, advertise, token, connect_timeout=timeout)
+        try:
+            reply = coord.join(index, advertise, token, connect_timeout=timeout)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise SystemExit(
+                    f"peer {index}: DEADLINE_EXCEEDED: could not reach the coordinator at "
+                    f"{coordinator} within {timeout:.0f} s. Check the address and port, that it "
+                    "runs, firewalls, and with --tls that both sides use certificates of the "
+                    "same CA whose names match the address"
+                ) from e
+            raise
         cfg = reply.config
         coord.chunk_bytes = cfg.chunk_bytes
         log.info(
