@@ -58,10 +58,14 @@ def run_variant(name: str, flags: list[str], common: list[str], out: Path) -> di
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--variant", action="append", default=None, help="NAME:FLAGS (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("runs/compare"))
-    ap.add_argument("--json", type=Path, default=None, help="results file (default OUT/compare.json)")
+    ap.add_argument(
+        "--json", type=Path, default=None, help="results file (default OUT/compare.json)"
+    )
     args, common = ap.parse_known_args()
     variants = args.variant or DEFAULT_VARIANTS
     args.out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +83,9 @@ def main() -> int:
         for klass in ("coordinator", "p2p"):
             cells = "".join(f"{res['bytes_per_round'][r][klass] / 1e6:>9.3f}" for r in rounds)
             print(f"{res['variant']:<24} {klass:<12}{cells}")
-    print(f"\n{'variant':<24} {'accuracy':>9} {'global':>8} {'coord MB':>10} {'p2p MB':>10} {'wall s':>7}")
+    print(
+        f"\n{'variant':<24} {'accuracy':>9} {'global':>8} {'coord MB':>10} {'p2p MB':>10} {'wall s':>7}"
+    )
     for res in results:
         print(
             f"{res['variant']:<24} {res['final_accuracy_mean']:>9.4f} "
@@ -87,7 +93,9 @@ def main() -> int:
             f"{res['bytes']['p2p'] / 1e6:>10.3f} {res['wall_seconds']:>7.1f}"
         )
     path = args.json or args.out / "compare.json"
-    path.write_text(json.dumps({"machine": machine, "common_flags": common, "results": results}, indent=2))
+    path.write_text(
+        json.dumps({"machine": machine, "common_flags": common, "results": results}, indent=2)
+    )
     print(f"\nresults: {path}")
     return 0
 

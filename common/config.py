@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "neighbors": 2,
     "temperature": 0.1,
-    "sync_every": 1,
+    "sync_every": 2,
     "intra_peer": True,
     "chunk_bytes": 1 << 20,
     "expert_wire_dtype": "float32",

@@ -13,6 +13,7 @@ def split_host_port(address: str) -> tuple[str, int]:
 
 
 def is_loopback_listen(address: str) -> bool:
+    """True for a loopback host (also usable for a connect address)."""
     host, _ = split_host_port(address)
     if host == "localhost":
         return True

@@ -18,6 +18,8 @@ from common.grpc_options import SERVER_OPTIONS
 from common.netaddr import is_loopback_listen
 from common.proto import pb, rpc
 from common.tls import TlsFiles, add_port
+from common.wire_counters import METHOD, WireMeter
+from common.wire_counters import detect as detect_interfaces
 from coordinator.checkpoint import CoordinatorCheckpoint
 from coordinator.results import RunResults
 from coordinator.rounds import RoundBook
@@ -28,6 +30,46 @@ log = logging.getLogger("fedmoe.coordinator")
 TICK_SECONDS = 0.25
 
 
+def wire_summary(wire: WireMeter, by_round: dict[int, dict[str, int]], records: list[dict]) -> dict:
+    """Wire bytes per role. The coordinator's interface carries only coordinator-class traffic,
+    so with every node measured: p2p = all peers' interface bytes - the coordinator's."""
+    peers: dict[str, dict[str, int]] = {}
+    unmeasured = set()
+    for rec in records:
+        w = rec.get("wire")
+        if w is None:
+            unmeasured.add(rec["peer"])
+            continue
+        p = peers.setdefault(rec["peer"], {"sent": 0, "received": 0})
+        p["sent"] += w["sent"]
+        p["received"] += w["received"]
+    coordinator = sum(wire.total) if wire.measured else None
+    peer_total = sum(p["sent"] + p["received"] for p in peers.values())
+    all_measured = wire.measured and not unmeasured and bool(peers)
+    return {
+        "method": METHOD
+        if (wire.measured or peers)
+        else "not measured: no node has an interface of its own",
+        "coordinator": coordinator,
+        "p2p": peer_total - coordinator if all_measured and coordinator is not None else None,
+        "peers_total": peer_total if peers else None,
+        "by_role": {
+            "coordinator": {
+                "interfaces": wire.counters.interfaces if wire.counters else [],
+                "received": wire.total[0] if wire.measured else None,
+                "sent": wire.total[1] if wire.measured else None,
+                "by_round": by_round,
+            },
+            "peers": peers,
+        },
+        "note": (
+            "classes told apart by role: the coordinator's interface carries only coordinator "
+            "traffic; p2p = peers' interface bytes minus the coordinator's. Counted from process "
+            "start to each node's last round (the final acks and connection close are not)."
+        ),
+    }
+
+
 def run_coordinator(
     cfg: pb.RunConfig,
     listen: str,
@@ -35,8 +77,11 @@ def run_coordinator(
     token_file: str | None,
     state_dir: Path | None,
     tls: TlsFiles | None,
+    wire_iface: str | None = None,
 ) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
+    wire = WireMeter(detect_interfaces(wire_iface, on_loopback=is_loopback_listen(listen)))
+    wire_by_round: dict[int, dict[str, int]] = {}
     try:
         token = load_token(token_file)
     except CredentialError as e:
@@ -61,6 +106,9 @@ def run_coordinator(
 
     def write_round(round_: int, records: list) -> None:
         assert results is not None  # created below, before the server accepts a report
+        lap = wire.lap()
+        if lap is not None:
+            wire_by_round[round_] = {"received": lap[0], "sent": lap[1]}
         results.write_round(round_, records)
 
     book = RoundBook(cfg, make_strategy(cfg), write_round, checkpoint)
@@ -120,6 +168,7 @@ def run_coordinator(
             "membership": book.membership_summary(),
             "dropped_peers": book.dropped_peers(),
             "events": book.events,
+            "wire_bytes": wire_summary(wire, wire_by_round, results.records),
             "coordinator_view": {
                 "bytes_sent": totals["coordinator_sent"],
                 "bytes_received": totals["coordinator_received"],

@@ -204,6 +204,13 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 "p2p_sent": b.p2p_sent,
                 "p2p_received": b.p2p_received,
             },
+            "wire": {
+                "sent": request.wire_sent,
+                "received": request.wire_received,
+                "interfaces": request.wire_interfaces,
+            }
+            if request.wire_measured
+            else None,
         }
         try:
             self.book.report(member, request.round, record)

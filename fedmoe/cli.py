@@ -87,6 +87,12 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--certs", default=None, help="directory from `fedmoe certs` (with --tls)")
     p.add_argument("--cert-name", default=None, help="this node's certificate name in --certs")
     p.add_argument("--state-dir", type=Path, default=None, help="checkpoint directory (resume)")
+    p.add_argument(
+        "--wire-iface",
+        default=None,
+        help="interfaces whose kernel counters give wire bytes: auto (own netns/container), "
+        "off, or NAME[,NAME] (default: auto, or FEDMOE_WIRE_IFACE)",
+    )
 
 
 def tls_from_args(args: argparse.Namespace, default_name: str):  # -> TlsFiles | None
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.token_file,
                 args.state_dir,
                 tls_from_args(args, "coordinator"),
+                args.wire_iface,
             )
         if args.command == "peer":
             from peer.main import run_peer
@@ -186,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.token_file,
                 args.state_dir,
                 tls_from_args(args, f"peer-{args.index}"),
+                args.wire_iface,
             )
         if args.command == "local":
             from fedmoe.local import run_local

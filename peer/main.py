@@ -15,6 +15,8 @@ from common.data import DataError, load_peer_data
 from common.grpc_options import SERVER_OPTIONS
 from common.netaddr import is_loopback_listen, split_host_port
 from common.tls import TlsFiles, add_port
+from common.wire_counters import WireMeter
+from common.wire_counters import detect as detect_interfaces
 from peer.checkpoint import PeerCheckpoint
 from peer.coordinator_client import CoordinatorClient
 from peer.expert_client import ExpertClient
@@ -56,8 +58,11 @@ def run_peer(
     token_file: str | None = None,
     state_dir: Path | None = None,
     tls: TlsFiles | None = None,
+    wire_iface: str | None = None,
 ) -> int:
     device = check_device(device)
+    # Started first: the join and the connection set-up belong to round 1's wire bytes.
+    wire = WireMeter(detect_interfaces(wire_iface, on_loopback=is_loopback_listen(coordinator)))
     try:
         token = load_token(token_file)
     except CredentialError as e:
@@ -121,6 +126,7 @@ def run_peer(
             serve_timeout=timeout,
             checkpoint=PeerCheckpoint(state_dir, index) if state_dir else None,
             heartbeat_seconds=max(0.2, reply.heartbeat_ms / 1000),
+            wire=wire,
         )
         runner.run(reply.start_round)
     except grpc.RpcError as e:

@@ -22,6 +22,7 @@ from common.config import is_sync_round, upload_prefixes
 from common.proto import pb
 from common.tensors import TensorSpec, WireTensor
 from common.torch_wire import torch_to_wire, wire_to_torch
+from common.wire_counters import WireMeter
 from peer.checkpoint import PeerCheckpoint
 from peer.coordinator_client import CoordinatorClient, is_status
 from peer.expert_client import ExpertClient
@@ -52,6 +53,7 @@ class PeerRunner:
         serve_timeout: float,
         checkpoint: PeerCheckpoint | None = None,
         heartbeat_seconds: float = 2.0,
+        wire: WireMeter | None = None,
     ) -> None:
         self.cfg = cfg
         self.peer_id = peer_id
@@ -63,6 +65,7 @@ class PeerRunner:
         self.serve_timeout = serve_timeout
         self.checkpoint = checkpoint
         self.heartbeat_seconds = heartbeat_seconds
+        self.wire = wire or WireMeter(None)
         self.fetch_failures: list[str] = []
         self.round = 1
         self._stop = threading.Event()
@@ -174,6 +177,7 @@ class PeerRunner:
             self.checkpoint.save(self.cfg.run_id, round_, self.trainer.model)
         with self._accounting:
             counts = self.counter.round_counts(round_)
+            wire = self.wire.lap()
             self.round = round_ + 1  # from here on, traffic belongs to the next round
             if round_ == self.cfg.rounds:
                 self._stop.set()  # no heartbeats after the last report: nothing would count them
@@ -189,6 +193,10 @@ class PeerRunner:
             exchange_seconds=exchanged - trained,
             experts_fetched=fetched,
             num_samples=self.trainer.num_samples,
+            wire_measured=wire is not None,
+            wire_received=wire[0] if wire else 0,
+            wire_sent=wire[1] if wire else 0,
+            wire_interfaces=",".join(self.wire.counters.interfaces) if self.wire.counters else "",
         )
         log.info(
             "round %d: loss %.4f acc %.4f global %.4f fetched %d experts",

@@ -16,18 +16,9 @@ from tests.cluster import Cluster
 
 # Small chunks: one expert is ~70 chunks, so a kill after 20 lands inside a transfer.
 FAST = [
-    "--dataset",
-    "synthetic",
-    "--chunk-bytes",
-    "4096",
-    "--peer-timeout",
-    "3",
-    "--round-timeout",
-    "60",
-    "--min-peers",
-    "2",
-    "--seed",
-    "3",
+    *("--dataset", "synthetic", "--chunk-bytes", "4096", "--seed", "3"),
+    *("--peer-timeout", "3", "--round-timeout", "60", "--min-peers", "2"),
+    *("--sync-every", "1"),  # experts move every round, so a kill lands inside a transfer
 ]
 
 

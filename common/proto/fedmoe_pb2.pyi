@@ -242,7 +242,7 @@ class ByteCounts(_message.Message):
     def __init__(self, coordinator_sent: _Optional[int] = ..., coordinator_received: _Optional[int] = ..., p2p_sent: _Optional[int] = ..., p2p_received: _Optional[int] = ...) -> None: ...
 
 class MetricsReport(_message.Message):
-    __slots__ = ("peer_id", "round", "accuracy", "loss", "global_accuracy", "bytes", "seconds", "train_seconds", "exchange_seconds", "experts_fetched", "num_samples")
+    __slots__ = ("peer_id", "round", "accuracy", "loss", "global_accuracy", "bytes", "seconds", "train_seconds", "exchange_seconds", "experts_fetched", "num_samples", "wire_measured", "wire_sent", "wire_received", "wire_interfaces")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,10 @@ class MetricsReport(_message.Message):
     EXCHANGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FETCHED_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_MEASURED_FIELD_NUMBER: _ClassVar[int]
+    WIRE_SENT_FIELD_NUMBER: _ClassVar[int]
+    WIRE_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    WIRE_INTERFACES_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     round: int
     accuracy: float
@@ -265,7 +269,11 @@ class MetricsReport(_message.Message):
     exchange_seconds: float
     experts_fetched: int
     num_samples: int
-    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., global_accuracy: _Optional[float] = ..., bytes: _Optional[_Union[ByteCounts, _Mapping]] = ..., seconds: _Optional[float] = ..., train_seconds: _Optional[float] = ..., exchange_seconds: _Optional[float] = ..., experts_fetched: _Optional[int] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    wire_measured: bool
+    wire_sent: int
+    wire_received: int
+    wire_interfaces: str
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., global_accuracy: _Optional[float] = ..., bytes: _Optional[_Union[ByteCounts, _Mapping]] = ..., seconds: _Optional[float] = ..., train_seconds: _Optional[float] = ..., exchange_seconds: _Optional[float] = ..., experts_fetched: _Optional[int] = ..., num_samples: _Optional[int] = ..., wire_measured: _Optional[bool] = ..., wire_sent: _Optional[int] = ..., wire_received: _Optional[int] = ..., wire_interfaces: _Optional[str] = ...) -> None: ...
 
 class MetricsAck(_message.Message):
     __slots__ = ("round", "run_finished")
