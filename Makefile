@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint protos bench clean
+.PHONY: setup demo test lint protos bench clean image test-compose test-multihost bench-netns
 
 setup: $(STAMP)
 
@@ -19,7 +19,22 @@ demo: setup
 	$(BIN)/fedmoe local --peers 4 --rounds 10 --dataset digits --out runs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests --ignore=tests/system
+
+# Container image, built without any registry when none is reachable (scripts/make_image.sh).
+image:
+	bash scripts/make_image.sh
+
+# `docker compose up`: coordinator + 3 peers in containers (needs docker; .ci/run installs it).
+test-compose: setup image
+	$(BIN)/python -m pytest -q -s tests/system/test_compose.py
+
+# Coordinator and peers on separate hosts: Linux network namespaces (needs root and iproute2).
+test-multihost: setup
+	$(BIN)/python -m pytest -q -s tests/system/test_multihost.py
+
+bench-netns: setup
+	$(BIN)/python bench/netns_bench.py
 
 lint: setup
 	$(BIN)/ruff check .
