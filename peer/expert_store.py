@@ -28,6 +28,7 @@ class ExpertStore:
         self._snapshots: dict[int, dict[int, list[bytes]]] = {}
         self._orders: dict[int, dict[str, tuple[set[int], str]]] = {}
         self._served: dict[int, set[str]] = {}
+        self._reported: dict[int, set[str]] = {}  # requesters known (heartbeat) to be done
 
     def publish(self, round_: int, experts: dict[int, list[WireTensor]], chunk_bytes: int) -> None:
         encoded = {
@@ -90,6 +91,7 @@ class ExpertStore:
     def release(self, round_: int, peers: set[str]) -> None:
         """These peers are done with `round_` (they reported it): stop waiting for them."""
         with self._cv:
+            self._reported.setdefault(round_, set()).update(peers)
             orders = self._orders.get(round_, {})
             for peer in peers & set(orders):
                 if peer not in self._served.get(round_, set()):
@@ -103,8 +105,18 @@ class ExpertStore:
             self._cv.wait_for(lambda: set(orders) <= self._served.get(round_, set()), timeout)
             return sorted(set(orders) - self._served.get(round_, set()))
 
+    def served(self, round_: int) -> set[str]:
+        with self._cv:
+            return set(self._served.get(round_, set()))
+
+    def wait_reported(self, round_: int, peers: set[str], timeout: float) -> bool:
+        """Wait until these requesters reported the round: everything sent to them has arrived."""
+        with self._cv:
+            return self._cv.wait_for(lambda: peers <= self._reported.get(round_, set()), timeout)
+
     def drop(self, round_: int) -> None:
         with self._cv:
+            self._reported.pop(round_, None)
             self._snapshots.pop(round_, None)
             self._orders.pop(round_, None)
             self._served.pop(round_, None)

@@ -172,6 +172,11 @@ class PeerRunner:
             never = self.store.wait_all_served(round_, self.serve_timeout)
             if never:
                 log.warning("round %d: planned fetches never came from %s", round_, never)
+            served = self.store.served(round_)
+            if round_ == self.cfg.rounds and served and self.wire.measured:
+                # Last round only: the final wire reading must not miss bytes still in our
+                # socket buffers; once the requesters reported, they had received everything.
+                self.store.wait_reported(round_, served, timeout=3 * self.heartbeat_seconds)
             self.store.drop(round_)
         if self.checkpoint is not None:
             self.checkpoint.save(self.cfg.run_id, round_, self.trainer.model)

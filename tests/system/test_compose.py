@@ -83,8 +83,10 @@ def test_compose_cluster_trains_to_the_end() -> None:
     # Each container has an interface of its own: wire bytes are measured and exceed app bytes.
     wire = summary["wire_bytes"]
     assert wire["coordinator"] is not None and wire["p2p"] is not None
-    assert wire["coordinator"] >= summary["bytes"]["coordinator"] / 2  # one side vs both ends
-    assert wire["peers_total"] >= summary["bytes"]["coordinator"] / 2 + summary["bytes"]["p2p"]
+    # Every byte the application counted crossed the interfaces, with framing on top. The
+    # coordinator's app count covers both ends of its traffic; its interface sees one end.
+    assert 2 * wire["coordinator"] >= summary["bytes"]["coordinator"]
+    assert wire["p2p"] >= summary["bytes"]["p2p"]
     print(
         "\ncompose summary:",
         json.dumps(
