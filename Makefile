@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/fedmoe local --peers 4 --rounds 10 --dataset digits --out runs/demo
+	$(BIN)/fedmoe local --peers 4 --rounds 20 --dataset digits --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q tests --ignore=tests/system

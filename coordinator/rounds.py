@@ -208,12 +208,9 @@ class RoundBook:
         """An upload must hold exactly the parameters this round shares, with the model's shapes."""
         prefixes = upload_prefixes(self.cfg, round_)
         expected = {n: s for n, s in self._schema.items() if n.startswith(prefixes)}
-        extra, lacking = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
-        if extra or lacking:
-            raise Refused(
-                "INVALID_ARGUMENT",
-                f"upload does not match the model: unexpected {extra[:3]}, missing {lacking[:3]}",
-            )
+        extra = sorted(set(tensors) - set(expected))
+        if extra:
+            raise Refused("INVALID_ARGUMENT", f"upload has tensors the model lacks: {extra[:3]}")
         for name, array in tensors.items():
             if tuple(array.shape) != expected[name]:
                 raise Refused(
@@ -221,6 +218,9 @@ class RoundBook:
                     f"tensor {name!r} has shape {list(array.shape)}, the model has "
                     f"{list(expected[name])}",
                 )
+        lacking = sorted(set(expected) - set(tensors))
+        if lacking:
+            raise Refused("INVALID_ARGUMENT", f"upload lacks tensors of the model: {lacking[:3]}")
 
     def _maybe_close(self) -> None:
         if not self.uploads or self.closed_round >= self.cfg.rounds or self.failure:

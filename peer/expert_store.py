@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import threading
+from collections.abc import Callable
 
 from common.tensors import WireTensor, chunk_tensors
 
@@ -20,8 +21,12 @@ class ServeRefused(Exception):
 
 
 class ExpertStore:
-    def __init__(self, wait_timeout: float = 600.0) -> None:
+    def __init__(
+        self, wait_timeout: float = 600.0, has_experts: Callable[[int], bool] = lambda r: True
+    ) -> None:
         self.wait_timeout = wait_timeout
+        self.has_experts = has_experts  # which rounds aggregate experts (set from the config)
+        self._finished = 0  # rounds up to here are over: their snapshots are gone
         self._cv = threading.Condition()
         # Snapshots are kept as serialized TensorChunk messages: encoded (chunked, checksummed,
         # serialized) once at publish, however many peers then fetch them.
@@ -49,9 +54,15 @@ class ExpertStore:
     def take(self, round_: int, requester: str, experts: list[int], ticket: str) -> list[bytes]:
         """The serialized chunks to stream for one request; waits (bounded) for this peer's plan."""
         with self._cv:
-            # The requester may get its plan before this peer has read its own: wait for it.
-            if not self._cv.wait_for(lambda: round_ in self._orders, timeout=self.wait_timeout):
-                raise ServeRefused("UNAVAILABLE", f"no plan for round {round_} on this peer yet")
+            if not self.has_experts(round_) or round_ <= self._finished:
+                raise ServeRefused("NOT_FOUND", f"no experts of round {round_} are served here")
+            # The requester may get its plan before this peer has read its own: wait for it
+            # (or for this peer to leave the round, when it was too late to take part).
+            self._cv.wait_for(
+                lambda: round_ in self._orders or round_ <= self._finished, self.wait_timeout
+            )
+            if round_ not in self._orders:
+                raise ServeRefused("NOT_FOUND", f"this peer has no plan for round {round_}")
             entry = self._orders[round_].get(requester)
             if entry is None:
                 raise ServeRefused(
@@ -116,6 +127,8 @@ class ExpertStore:
 
     def drop(self, round_: int) -> None:
         with self._cv:
+            self._finished = max(self._finished, round_)
+            self._cv.notify_all()
             self._reported.pop(round_, None)
             self._snapshots.pop(round_, None)
             self._orders.pop(round_, None)

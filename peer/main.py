@@ -11,6 +11,7 @@ import torch
 
 from common.accounting import ByteCounter
 from common.auth import CredentialError, load_token
+from common.config import is_sync_round
 from common.data import DataError, load_peer_data
 from common.grpc_options import SERVER_OPTIONS
 from common.netaddr import is_loopback_listen, split_host_port
@@ -104,6 +105,7 @@ def run_peer(
             raise
         cfg = reply.config
         coord.chunk_bytes = cfg.chunk_bytes
+        store.has_experts = lambda r: is_sync_round(cfg, r)
         log.info(
             "joined as %s, run %s, round %d, serving experts at %s",
             reply.peer_id,

@@ -24,22 +24,9 @@ from tests.cluster import FEDMOE, Cluster, free_port
 
 TOKEN = "s3cret-token-for-this-run-0123456789"
 RUN = [
-    "--rounds",
-    "2",
-    "--dataset",
-    "synthetic",
-    "--peer-timeout",
-    "3",
-    "--min-peers",
-    "2",
-    "--round-timeout",
-    "60",
-    "--embed-dim",
-    "16",
-    "--expert-hidden",
-    "8",
-    "--experts",
-    "4",
+    *("--rounds", "2", "--dataset", "synthetic", "--sync-every", "1"),
+    *("--peer-timeout", "3", "--min-peers", "2", "--round-timeout", "60"),
+    *("--embed-dim", "16", "--expert-hidden", "8", "--experts", "4"),
 ]
 
 
@@ -95,7 +82,11 @@ def test_hostile_client_is_refused_and_the_run_goes_on(tmp_path: Path) -> None:
         bad_shape = list(
             chunk_tensor(numpy_to_wire("embedding.0.weight", np.zeros((d, 5), np.float32)))
         )
-        refused(send(bad_shape), grpc.StatusCode.INVALID_ARGUMENT, "does not match the model")
+        refused(
+            send(bad_shape),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "has shape [16, 5], the model has [16, 32]",
+        )
         good = list(
             chunk_tensor(numpy_to_wire("embedding.0.weight", np.zeros((d, 32), np.float32)), 256)
         )
@@ -137,7 +128,7 @@ def test_hostile_client_is_refused_and_the_run_goes_on(tmp_path: Path) -> None:
         log = c.log_text("coordinator")
         for text in (
             "invalid join token",
-            "does not match the model",
+            "the model has",
             "checksum mismatch",
             "past the declared size",
         ):
