@@ -53,7 +53,7 @@ def serve(sizes: list[int], repeats: int, chunk_bytes: int, host: str) -> None:
         wire = [numpy_to_wire("experts.0.w", array)]
         for rep in range(repeats):
             store.publish(round_id(i, rep), {0: wire}, chunk_bytes)
-            store.set_orders(round_id(i, rep), {"bench": [0]})
+            store.set_orders(round_id(i, rep), {"bench": ([0], "")})  # (experts, ticket)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     add_expert_exchange(server, ExpertExchangeService(store, ByteCounter()))
     # The same bytes as bare gRPC messages (no protobuf, no checks): gRPC's own ceiling here.

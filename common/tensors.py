@@ -70,7 +70,7 @@ class WireTensor:
     name: str
     dtype: int
     shape: tuple[int, ...]
-    data: bytes | bytearray
+    data: bytes | bytearray | np.ndarray  # raw little-endian bytes (a uint8 array when received)
 
     @property
     def dtype_name(self) -> str:
@@ -107,7 +107,7 @@ def chunk_tensor(
     """Yield the chunks of one tensor in offset order (an empty tensor is one empty chunk)."""
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be positive")
-    view = memoryview(tensor.data).cast("B")
+    view = memoryview(tensor.data).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
     total = len(view)
     offset = 0
     while True:
@@ -137,7 +137,7 @@ def chunk_tensors(
 class _Partial:
     dtype: int
     shape: tuple[int, ...]
-    buffer: bytearray
+    buffer: np.ndarray  # uint8, uninitialised: every byte is written exactly once, in order
     received: int = 0
 
 
@@ -197,7 +197,7 @@ class TensorAssembler:
             )
         if not chunk.data and len(partial.buffer) > 0:
             raise WireError(f"tensor {name!r}: empty chunk inside a non-empty tensor")
-        partial.buffer[chunk.offset : end] = chunk.data
+        partial.buffer[chunk.offset : end] = np.frombuffer(chunk.data, dtype=np.uint8)
         partial.received = end
         if end < len(partial.buffer):
             return None
@@ -244,7 +244,8 @@ class TensorAssembler:
         if chunk.offset != 0:
             raise WireError(f"tensor {name!r}: first chunk starts at offset {chunk.offset}, not 0")
         self._total += nbytes
-        partial = _Partial(chunk.dtype, shape, bytearray(nbytes))
+        # np.empty, not bytearray(n): no zero-fill pass over memory that is overwritten anyway.
+        partial = _Partial(chunk.dtype, shape, np.empty(nbytes, dtype=np.uint8))
         self._partial[name] = partial
         return partial
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from common.proto import pb
@@ -32,9 +33,12 @@ def torch_to_wire(name: str, tensor: torch.Tensor, dtype: int | None = None) -> 
 
 def wire_to_torch(tensor: WireTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode to a CPU tensor, optionally cast (e.g. bf16 on the wire, float32 in the model)."""
-    buf = tensor.data if isinstance(tensor.data, bytearray) else bytearray(tensor.data)
-    if len(buf) == 0:
-        out = torch.empty(tensor.shape, dtype=TORCH_DTYPES[tensor.dtype])
+    target = TORCH_DTYPES[tensor.dtype]
+    if len(tensor.data) == 0:
+        out = torch.empty(tensor.shape, dtype=target)
+    elif isinstance(tensor.data, np.ndarray):  # received: reinterpret the bytes, no copy
+        out = torch.from_numpy(tensor.data).view(target).reshape(tensor.shape)
     else:
-        out = torch.frombuffer(buf, dtype=TORCH_DTYPES[tensor.dtype]).reshape(tensor.shape)
+        buf = tensor.data if isinstance(tensor.data, bytearray) else bytearray(tensor.data)
+        out = torch.frombuffer(buf, dtype=target).reshape(tensor.shape)
     return out if dtype is None else out.to(dtype)
