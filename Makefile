@@ -46,7 +46,7 @@ protos: setup
 
 bench: setup
 	$(BIN)/python bench/stream_bench.py
-	$(BIN)/python bench/compare.py --dataset digits --peers 4 --rounds 3 --out runs/bench-bytes
+	$(BIN)/python bench/compare.py --dataset digits --peers 4 --rounds 4 --out runs/bench-bytes
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
