@@ -45,7 +45,9 @@ protos: setup
 	$(BIN)/python scripts/gen_protos.py
 
 bench: setup
-	$(BIN)/python bench/stream_bench.py
+	$(BIN)/python bench/stream_bench.py --repeats 5
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/netns_bench.py; \
+	else echo "shaped-link rows need root (network namespaces): sudo make bench-netns"; fi
 	$(BIN)/python bench/compare.py --dataset digits --peers 4 --rounds 4 --out runs/bench-bytes
 
 clean:

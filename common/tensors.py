@@ -93,9 +93,10 @@ def numpy_to_wire(name: str, array: np.ndarray, dtype: int | None = None) -> Wir
             raise WireError(f"tensor {name!r}: numpy dtype {array.dtype} has no wire dtype")
     info = DTYPES[dtype]
     if info.numpy is None:  # bfloat16: round-to-nearest-even on the top 16 bits of float32
-        bits = np.ascontiguousarray(array, dtype="<f4").view(np.uint32)
-        rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))
-        data = (rounded >> 16).astype("<u2").tobytes()
+        x = np.ascontiguousarray(array, dtype="<f4")
+        bits = x.view(np.uint32)
+        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
+        data = np.where(np.isnan(x), np.uint32(0x7FC0), rounded).astype("<u2").tobytes()
     else:
         data = np.ascontiguousarray(array, dtype=info.numpy).tobytes()
     return WireTensor(name, dtype, tuple(int(s) for s in array.shape), data)

@@ -61,6 +61,9 @@ class CoordinatorCheckpoint:
         self.dir = state_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
+        # Aggregates written by this process. A file left by an earlier process may belong to a
+        # round that re-closed differently after a restart, so it is always written again.
+        self._written: set[int] = set()
 
     def exists(self) -> bool:
         return (self.dir / STATE).is_file()
@@ -86,9 +89,9 @@ class CoordinatorCheckpoint:
 
     def save_state(self, book: RoundBook) -> None:
         for r, closed in book.closed.items():
-            path = self.dir / f"shared-{r}.npz"
-            if not path.exists():
-                _save_npz(path, closed.outcome.shared)
+            if r not in self._written:
+                _save_npz(self.dir / f"shared-{r}.npz", closed.outcome.shared)
+                self._written.add(r)
         for old in self.dir.glob("shared-*.npz"):
             if int(old.stem.split("-")[1]) not in book.closed:
                 old.unlink()

@@ -99,6 +99,7 @@ class RoundBook:
         self.updates: dict[str, PeerUpdate] = {}  # uploads of the open round
         self.closed: dict[int, ClosedRound] = {}  # the last two closed rounds
         self.participants: dict[int, list[str]] = {}
+        self.closed_at: dict[int, float] = {}  # kept until the round is written
         self.pending_reports: dict[int, dict[str, dict[str, Any]]] = {}
         self.closed_round = 0  # last round whose uploads were aggregated
         self.reported_round = 0  # last round whose metrics were written
@@ -106,8 +107,10 @@ class RoundBook:
         self.round_opened_at = clock()
         self.tensors_received: set[str] = set()
         self.events: list[dict[str, Any]] = []
+        # Participants that restarted after a round closed: they never finish that round.
+        self.abandoned: dict[int, set[str]] = {}
         self.failure: str | None = None
-        self._schema = model_schema(cfg)
+        self.schema = model_schema(cfg)
 
     # ------------------------------------------------------------------ membership
 
@@ -126,6 +129,9 @@ class RoundBook:
             if old is not None:  # a restarted peer: new session, same identity and history
                 member.reported, member.joins = old.reported, old.joins + 1
                 self._event("rejoined", peer_id, address=address)
+                for r, peers in self.participants.items():
+                    if r > self.reported_round and peer_id in peers and r not in member.reported:
+                        self.abandoned.setdefault(r, set()).add(peer_id)
             self.members[peer_id] = member
             self.updates.pop(peer_id, None)
             self._save()
@@ -133,9 +139,10 @@ class RoundBook:
             return member
 
     def authenticate(self, session: str) -> Member:
-        for member in self.members.values():
-            if session and hmac.compare_digest(member.session, session):
-                return member
+        with self._cv:
+            for member in self.members.values():
+                if session and hmac.compare_digest(member.session, session):
+                    return member
         raise Refused("UNAUTHENTICATED", "unknown or expired session: join the run first")
 
     def heartbeat(self, member: Member) -> None:
@@ -150,10 +157,12 @@ class RoundBook:
         """Members that have reported `round_`: their fetches for it are over."""
         with self._cv:
             done = {p for p, m in self.members.items() if round_ in m.reported}
+            done |= self.abandoned.get(round_, set())
             return sorted(done | set(self.pending_reports.get(round_, {})))
 
     def alive(self) -> list[str]:
-        return sorted(p for p, m in self.members.items() if m.alive)
+        with self._cv:
+            return sorted(p for p, m in self.members.items() if m.alive)
 
     def ordered(self, peer_ids: list[str] | set[str]) -> list[str]:
         return sorted(peer_ids, key=lambda p: self.members[p].index)
@@ -185,6 +194,8 @@ class RoundBook:
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise Refused("INVALID_ARGUMENT", f"tensor {name!r} has NaN or infinite values")
         with self._cv:
+            if round_ <= self.closed_round and member.peer_id in self.participants.get(round_, []):
+                return  # a retry whose first ack was lost: the upload is already in the round
             if round_ <= self.closed_round:
                 raise Refused(
                     "FAILED_PRECONDITION",
@@ -207,7 +218,7 @@ class RoundBook:
     def _check_schema(self, round_: int, tensors: dict[str, np.ndarray]) -> None:
         """An upload must hold exactly the parameters this round shares, with the model's shapes."""
         prefixes = upload_prefixes(self.cfg, round_)
-        expected = {n: s for n, s in self._schema.items() if n.startswith(prefixes)}
+        expected = {n: s for n, s in self.schema.items() if n.startswith(prefixes)}
         extra = sorted(set(tensors) - set(expected))
         if extra:
             raise Refused("INVALID_ARGUMENT", f"upload has tensors the model lacks: {extra[:3]}")
@@ -245,6 +256,7 @@ class RoundBook:
         self.closed[round_] = ClosedRound(outcome, peers, tickets, self.clock())
         self.closed.pop(round_ - 2, None)  # every participant has moved past it by now
         self.participants[round_] = peers
+        self.closed_at[round_] = self.clock()
         self.updates = {}
         if any(n.startswith("embedding.") for n in outcome.shared):
             self.embedding_version = round_
@@ -314,16 +326,24 @@ class RoundBook:
                 if r > self.closed_round:
                     return
                 expected = set(self.participants[r])
-                since = self.closed[r].closed_at if r in self.closed else self.round_opened_at
+                since = self.closed_at.get(r, self.round_opened_at)
             else:  # local: no uploads; every member trains every round
                 expected = set(self.members)
                 since = self.round_opened_at
             deadline = self.clock() - since >= self.cfg.round_timeout
             if not self.uploads and len(self.members) < self.cfg.peers and not deadline:
                 return  # the run has not started: not everyone has joined yet
-            waiting = {p for p in expected - set(got) if self.members[p].alive}
-            if not got or (waiting and not deadline):
+            gone = self.abandoned.get(r, set())
+            waiting = {p for p in expected - set(got) - gone if self.members[p].alive}
+            if waiting and not deadline:
                 return
+            if not got:  # nobody left who can report this round: note it and move on
+                self._event("no report", *sorted(expected), round=r)
+                self.pending_reports.pop(r, None)
+                self.abandoned.pop(r, None)
+                self.reported_round = r
+                self._cv.notify_all()
+                continue
             records = [got[p] for p in self.ordered(set(got))]
             missing = sorted(expected - set(got))
             if missing:
@@ -332,6 +352,8 @@ class RoundBook:
             for p in got:
                 self.members[p].reported.add(r)
             self.pending_reports.pop(r, None)
+            self.abandoned.pop(r, None)
+            self.closed_at.pop(r, None)
             self.reported_round = r
             if not self.uploads:
                 self.round_opened_at = self.clock()

@@ -12,9 +12,9 @@ import grpc
 
 from common.accounting import ByteCounter
 from common.auth import SESSION_METADATA, TOKEN_METADATA
-from common.config import ALGORITHM_NAMES
+from common.config import ALGORITHM_NAMES, upload_prefixes
 from common.proto import pb, rpc
-from common.tensors import TensorAssembler, WireError, chunk_tensors, numpy_to_wire
+from common.tensors import TensorAssembler, TensorSpec, WireError, chunk_tensors, numpy_to_wire
 from coordinator.rounds import Member, Refused, RoundBook, serve_orders
 
 log = logging.getLogger("fedmoe.coordinator")
@@ -79,6 +79,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             open_round=self.book.open_round,
             alive=self.book.alive(),
             run_finished=self.book.finished,
+            reported=self.book.reported(request.round),
         )
         self.counter.message(request.round, "coordinator", "received", request)
         self.counter.message(request.round, "coordinator", "sent", reply)
@@ -94,10 +95,17 @@ class CoordinatorService(rpc.CoordinatorServicer):
         header = first.header
         member = self._member(context, header.peer_id)
         sizes = first.ByteSize()
-        assembler = TensorAssembler()
         tensors: dict = {}
         try:
             self.book.check_round(header.round)
+            # Names, shapes and dtype are checked per chunk, before any buffer is allocated.
+            prefixes = upload_prefixes(self.cfg, header.round)
+            expected = {
+                n: TensorSpec(shape, frozenset({pb.FLOAT32}))
+                for n, shape in self.book.schema.items()
+                if prefixes and n.startswith(prefixes)
+            }
+            assembler = TensorAssembler(expected=expected, require_all=False)
             for part in parts:
                 if not part.HasField("chunk"):
                     raise WireError("a second header inside one update stream")

@@ -27,6 +27,7 @@ class ExpertStore:
         self.wait_timeout = wait_timeout
         self.has_experts = has_experts  # which rounds aggregate experts (set from the config)
         self._finished = 0  # rounds up to here are over: their snapshots are gone
+        self._current = 0  # the round this peer is working on
         self._cv = threading.Condition()
         # Snapshots are kept as serialized TensorChunk messages: encoded (chunked, checksummed,
         # serialized) once at publish, however many peers then fetch them.
@@ -34,6 +35,12 @@ class ExpertStore:
         self._orders: dict[int, dict[str, tuple[set[int], str]]] = {}
         self._served: dict[int, set[str]] = {}
         self._reported: dict[int, set[str]] = {}  # requesters known (heartbeat) to be done
+
+    def begin(self, round_: int) -> None:
+        """This peer starts working on `round_`: earlier rounds it has no snapshot of are lost."""
+        with self._cv:
+            self._current = max(self._current, round_)
+            self._cv.notify_all()
 
     def publish(self, round_: int, experts: dict[int, list[WireTensor]], chunk_bytes: int) -> None:
         encoded = {
@@ -54,13 +61,16 @@ class ExpertStore:
     def take(self, round_: int, requester: str, experts: list[int], ticket: str) -> list[bytes]:
         """The serialized chunks to stream for one request; waits (bounded) for this peer's plan."""
         with self._cv:
-            if not self.has_experts(round_) or round_ <= self._finished:
+
+            def gone() -> bool:  # a round this peer will never serve (over, or missed: restart)
+                past = round_ < self._current and round_ not in self._snapshots
+                return round_ <= self._finished or past
+
+            if not self.has_experts(round_) or gone():
                 raise ServeRefused("NOT_FOUND", f"no experts of round {round_} are served here")
             # The requester may get its plan before this peer has read its own: wait for it
             # (or for this peer to leave the round, when it was too late to take part).
-            self._cv.wait_for(
-                lambda: round_ in self._orders or round_ <= self._finished, self.wait_timeout
-            )
+            self._cv.wait_for(lambda: round_ in self._orders or gone(), self.wait_timeout)
             if round_ not in self._orders:
                 raise ServeRefused("NOT_FOUND", f"this peer has no plan for round {round_}")
             entry = self._orders[round_].get(requester)

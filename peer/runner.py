@@ -79,7 +79,9 @@ class PeerRunner:
         self.round = start_round
         resumed = self._resume_from_checkpoint()
         if start_round > 1 or resumed:
-            self.round = self._catch_up()
+            next_round = self._catch_up()
+            self.counter.carry(start_round, next_round)  # its bytes belong to a reported round
+            self.round = next_round
         beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         beat.start()
         try:
@@ -89,9 +91,10 @@ class PeerRunner:
                 except Late as late:
                     log.warning("round %d: %s; catching up", self.round, late)
                     skipped = self.round
+                    next_round = self._catch_up()
                     with self._accounting:
-                        self.round = self._catch_up()
-                        self.counter.carry(skipped, self.round)
+                        self.round = next_round
+                        self.counter.carry(skipped, next_round)
                     continue
                 faults.at_round_end(self.round - 1)  # run_round moved self.round on
                 if ack.run_finished:
@@ -139,6 +142,7 @@ class PeerRunner:
     # ------------------------------------------------------------------ one round
 
     def run_round(self, round_: int) -> pb.MetricsAck:
+        self.store.begin(round_)
         started = time.perf_counter()
         loss = self.trainer.train_round(round_)
         trained = time.perf_counter()

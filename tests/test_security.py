@@ -85,7 +85,7 @@ def test_hostile_client_is_refused_and_the_run_goes_on(tmp_path: Path) -> None:
         refused(
             send(bad_shape),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "has shape [16, 5], the model has [16, 32]",
+            "shape [16, 5] does not match the expected [16, 32]",
         )
         good = list(
             chunk_tensor(numpy_to_wire("embedding.0.weight", np.zeros((d, 32), np.float32)), 256)
@@ -128,7 +128,7 @@ def test_hostile_client_is_refused_and_the_run_goes_on(tmp_path: Path) -> None:
         log = c.log_text("coordinator")
         for text in (
             "invalid join token",
-            "the model has",
+            "does not match the expected",
             "checksum mismatch",
             "past the declared size",
         ):
