@@ -94,6 +94,8 @@ def run_local(args: argparse.Namespace, argv: list[str]) -> int:
     peers = []
     for k in range(args.peers):
         device = f"cuda:{gpus[k % len(gpus)]}" if gpus else "cpu"
+        if gpus:
+            print(f"peer {k} on {device}", flush=True)
         cmd = [*py, "peer", "--coordinator", address, "--listen", "127.0.0.1:0"]
         cmd += ["--index", str(k), "--device", device, "--threads", str(threads)]
         cmd += ["--token-file", str(token_file)]

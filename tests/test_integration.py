@@ -148,3 +148,25 @@ def test_peer_asked_for_a_missing_gpu_fails_at_start() -> None:
     assert "cuda:7" in proc.stderr and (
         "no CUDA GPU" in proc.stderr or "GPU(s) exist" in proc.stderr
     )
+
+
+def test_local_pins_peers_to_gpus_round_robin_and_fails_clearly_without_them(
+    tmp_path: Path,
+) -> None:
+    # No GPU on this machine: the peers given cuda:0 and cuda:1 stop at start, with the reason.
+    proc = run_cli(
+        "local",
+        "--peers",
+        "2",
+        "--rounds",
+        "1",
+        "--dataset",
+        "synthetic",
+        "--gpus",
+        "0,1",
+        "--out",
+        str(tmp_path),
+    )
+    assert proc.returncode == 1
+    assert "peer 0 on cuda:0" in proc.stdout and "peer 1 on cuda:1" in proc.stdout
+    assert "failed" in proc.stderr and "no CUDA GPU is available" in proc.stderr
