@@ -158,7 +158,7 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate one CIFAR-10 python batch; returns (uint8 data n x 3072, int64 labels)."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = pickle.load(f, encoding="bytes")  # CIFAR-10 on-disk format, local file only
     except FileNotFoundError:
         raise DataError(f"CIFAR-10 batch {path} does not exist; {_CIFAR_LAYOUT}") from None
     except Exception as exc:  # truncated or non-pickle files raise many different types
