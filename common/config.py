@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from common.proto import pb
@@ -48,7 +49,13 @@ DEFAULTS: dict[str, Any] = {
     "min_peers": 0,  # 0: a majority of --peers
     "round_timeout": 1800.0,
     "peer_timeout": 20.0,
+    "clients_per_round": 0,  # 0: every member takes part in every round (the paper's Algorithm 1)
+    "aggregation": "mean",
+    "trim_fraction": 0.2,
+    "clip_norm": 0.0,  # 0: off
+    "max_tensor_norm": 1e4,  # far above any honest tensor of these models (README, reliability)
 }
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
 
 
 class ConfigError(ValueError):
@@ -66,8 +73,17 @@ def make_config(**overrides: Any) -> pb.RunConfig:
         )
     if values["expert_wire_dtype"] not in EXPERT_WIRE_DTYPES:
         raise ConfigError(f"expert wire dtype must be one of {sorted(EXPERT_WIRE_DTYPES)}")
+    negative = sorted(
+        k
+        for k, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0
+    )
+    if negative:
+        flags = ", ".join("--" + k.replace("_", "-") for k in negative)
+        raise ConfigError(f"invalid run configuration: {flags} must not be negative")
     if not values["min_peers"]:
-        values["min_peers"] = values["peers"] // 2 + 1
+        per_round = values["clients_per_round"] or values["peers"]
+        values["min_peers"] = min(per_round, values["peers"]) // 2 + 1
     cfg = pb.RunConfig(
         run_id=uuid.uuid4().hex[:12],
         algorithm=ALGORITHMS[values.pop("algorithm")],  # type: ignore[arg-type]
@@ -101,7 +117,18 @@ def validate(cfg: pb.RunConfig) -> None:
         (cfg.temperature > 0, "--temperature must be positive"),
         (cfg.sync_every >= 1, "--sync-every must be at least 1"),
         (4096 <= cfg.chunk_bytes <= (4 << 20), "--chunk-bytes must be in [4 KiB, 4 MiB]"),
-        (1 <= cfg.min_peers <= cfg.peers, "--min-peers must be between 1 and --peers"),
+        (
+            1 <= cfg.min_peers <= round_size(cfg),
+            "--min-peers must be between 1 and --peers (or --clients-per-round)",
+        ),
+        (cfg.clients_per_round <= cfg.peers, "--clients-per-round must be at most --peers"),
+        (
+            cfg.aggregation in AGGREGATIONS,
+            f"--aggregation must be one of {', '.join(AGGREGATIONS)}",
+        ),
+        (0 <= cfg.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
+        (cfg.clip_norm >= 0, "--clip-norm must be non-negative (0 = off)"),
+        (cfg.max_tensor_norm > 0, "--max-tensor-norm must be positive"),
         (cfg.round_timeout > 0, "--round-timeout must be positive"),
         (cfg.peer_timeout > 0, "--peer-timeout must be positive"),
         (
@@ -131,9 +158,31 @@ def config_to_dict(cfg: pb.RunConfig) -> dict[str, Any]:
     out["expert_wire_dtype"] = {v: k for k, v in EXPERT_WIRE_DTYPES.items()}.get(
         cfg.expert_wire_dtype, "unknown"
     )
-    for key in ("peers", "rounds", "seed", "chunk_bytes", "min_peers"):
+    for key in ("peers", "rounds", "seed", "chunk_bytes", "min_peers", "clients_per_round"):
         out[key] = int(out[key])
     return out
+
+
+def round_size(cfg: pb.RunConfig) -> int:
+    """How many members take part in each round."""
+    return cfg.clients_per_round or cfg.peers
+
+
+def participants(cfg: pb.RunConfig, round_: int) -> list[int]:
+    """Indices of the peers that take part in `round_` (sorted).
+
+    Sampled uniformly without replacement from all N indices, seeded by the run's seed and the
+    round, so every peer computes the same set from the config alone and a rerun draws it again.
+    Full participation (clients_per_round 0 or N) keeps everyone.
+    """
+    if not cfg.clients_per_round or cfg.clients_per_round >= cfg.peers:
+        return list(range(cfg.peers))
+    rng = np.random.default_rng([cfg.seed, round_, 0x5EED])
+    return sorted(int(k) for k in rng.choice(cfg.peers, size=cfg.clients_per_round, replace=False))
+
+
+def takes_part(cfg: pb.RunConfig, index: int, round_: int) -> bool:
+    return not cfg.clients_per_round or index in participants(cfg, round_)
 
 
 def upload_prefixes(cfg: pb.RunConfig, round_: int) -> tuple[str, ...]:

@@ -7,7 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
-from common.config import ALGORITHMS, DEFAULTS, EXPERT_WIRE_DTYPES, ConfigError, make_config
+from common.config import (
+    AGGREGATIONS,
+    ALGORITHMS,
+    DEFAULTS,
+    EXPERT_WIRE_DTYPES,
+    ConfigError,
+    make_config,
+)
 from common.data import DATASETS
 
 # Run flags: (flag, config key, type, help). Shared by `coordinator` and `local`.
@@ -46,6 +53,25 @@ RUN_FLAGS: list[tuple[str, str, type, str]] = [
     ),
     ("--round-timeout", "round_timeout", float, "seconds before a round closes with a quorum"),
     ("--peer-timeout", "peer_timeout", float, "seconds of silence before a peer is left out"),
+    (
+        "--clients-per-round",
+        "clients_per_round",
+        int,
+        "C: peers sampled per round, seeded (0 = all, the paper's setting)",
+    ),
+    ("--trim-fraction", "trim_fraction", float, "trimmed-mean: fraction cut at each end"),
+    (
+        "--clip-norm",
+        "clip_norm",
+        float,
+        "clip each embedding upload's change to this L2 norm (0 = off)",
+    ),
+    (
+        "--max-tensor-norm",
+        "max_tensor_norm",
+        float,
+        "refuse any received tensor with a larger L2 norm (or NaN/Inf)",
+    ),
 ]
 
 
@@ -68,6 +94,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         help="ablation: plans never mix a peer's own other experts",
     )
     p.add_argument("--expert-wire-dtype", choices=sorted(EXPERT_WIRE_DTYPES), default=None)
+    p.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default=None,
+        help="how the coordinator combines embedding uploads (default mean: FedAvg)",
+    )
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     add_security_args(p)
 
@@ -106,7 +138,7 @@ def tls_from_args(args: argparse.Namespace, default_name: str):  # -> TlsFiles |
 
 
 def config_from_args(args: argparse.Namespace):  # -> pb.RunConfig
-    keys = [key for _, key, _, _ in RUN_FLAGS] + ["intra_peer", "expert_wire_dtype"]
+    keys = [key for _, key, _, _ in RUN_FLAGS] + ["intra_peer", "expert_wire_dtype", "aggregation"]
     values = {k: getattr(args, k) for k in keys}
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
     return make_config(

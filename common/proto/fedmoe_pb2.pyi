@@ -56,7 +56,7 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "algorithm", "peers", "rounds", "seed", "dataset", "data_dir", "alpha", "embed_dim", "num_experts", "top_k", "expert_hidden", "balance_coef", "local_epochs", "batch_size", "lr", "momentum", "neighbors", "temperature", "sync_every", "intra_peer", "chunk_bytes", "expert_wire_dtype", "min_peers", "round_timeout", "peer_timeout")
+    __slots__ = ("run_id", "algorithm", "peers", "rounds", "seed", "dataset", "data_dir", "alpha", "embed_dim", "num_experts", "top_k", "expert_hidden", "balance_coef", "local_epochs", "batch_size", "lr", "momentum", "neighbors", "temperature", "sync_every", "intra_peer", "chunk_bytes", "expert_wire_dtype", "min_peers", "round_timeout", "peer_timeout", "clients_per_round", "aggregation", "trim_fraction", "clip_norm", "max_tensor_norm")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,11 @@ class RunConfig(_message.Message):
     MIN_PEERS_FIELD_NUMBER: _ClassVar[int]
     ROUND_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     PEER_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    TRIM_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSOR_NORM_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     algorithm: Algorithm
     peers: int
@@ -109,29 +114,38 @@ class RunConfig(_message.Message):
     min_peers: int
     round_timeout: float
     peer_timeout: float
-    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., peers: _Optional[int] = ..., rounds: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., data_dir: _Optional[str] = ..., alpha: _Optional[float] = ..., embed_dim: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_hidden: _Optional[int] = ..., balance_coef: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., neighbors: _Optional[int] = ..., temperature: _Optional[float] = ..., sync_every: _Optional[int] = ..., intra_peer: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., expert_wire_dtype: _Optional[_Union[DType, str]] = ..., min_peers: _Optional[int] = ..., round_timeout: _Optional[float] = ..., peer_timeout: _Optional[float] = ...) -> None: ...
+    clients_per_round: int
+    aggregation: str
+    trim_fraction: float
+    clip_norm: float
+    max_tensor_norm: float
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., peers: _Optional[int] = ..., rounds: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., data_dir: _Optional[str] = ..., alpha: _Optional[float] = ..., embed_dim: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_hidden: _Optional[int] = ..., balance_coef: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., neighbors: _Optional[int] = ..., temperature: _Optional[float] = ..., sync_every: _Optional[int] = ..., intra_peer: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., expert_wire_dtype: _Optional[_Union[DType, str]] = ..., min_peers: _Optional[int] = ..., round_timeout: _Optional[float] = ..., peer_timeout: _Optional[float] = ..., clients_per_round: _Optional[int] = ..., aggregation: _Optional[str] = ..., trim_fraction: _Optional[float] = ..., clip_norm: _Optional[float] = ..., max_tensor_norm: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("index", "advertise")
+    __slots__ = ("index", "advertise", "member_secret")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ADVERTISE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
     index: int
     advertise: str
-    def __init__(self, index: _Optional[int] = ..., advertise: _Optional[str] = ...) -> None: ...
+    member_secret: str
+    def __init__(self, index: _Optional[int] = ..., advertise: _Optional[str] = ..., member_secret: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("peer_id", "config", "start_round", "session", "heartbeat_ms")
+    __slots__ = ("peer_id", "config", "start_round", "session", "heartbeat_ms", "member_secret")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     START_ROUND_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     config: RunConfig
     start_round: int
     session: str
     heartbeat_ms: int
-    def __init__(self, peer_id: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., start_round: _Optional[int] = ..., session: _Optional[str] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
+    member_secret: str
+    def __init__(self, peer_id: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., start_round: _Optional[int] = ..., session: _Optional[str] = ..., heartbeat_ms: _Optional[int] = ..., member_secret: _Optional[str] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("peer_id", "round", "num_samples")
@@ -304,21 +318,25 @@ class HeartbeatReply(_message.Message):
     def __init__(self, open_round: _Optional[int] = ..., alive: _Optional[_Iterable[str]] = ..., run_finished: _Optional[bool] = ..., reported: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LatestRequest(_message.Message):
-    __slots__ = ("peer_id", "round")
+    __slots__ = ("peer_id", "round", "after_round")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     round: int
-    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    after_round: int
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., after_round: _Optional[int] = ...) -> None: ...
 
 class ExpertRequest(_message.Message):
-    __slots__ = ("requester_id", "round", "experts", "ticket")
+    __slots__ = ("requester_id", "round", "experts", "ticket", "source_id")
     REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
     requester_id: str
     round: int
     experts: _containers.RepeatedScalarFieldContainer[int]
     ticket: str
-    def __init__(self, requester_id: _Optional[str] = ..., round: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., ticket: _Optional[str] = ...) -> None: ...
+    source_id: str
+    def __init__(self, requester_id: _Optional[str] = ..., round: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., ticket: _Optional[str] = ..., source_id: _Optional[str] = ...) -> None: ...

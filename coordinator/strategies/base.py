@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,6 +32,11 @@ class RoundOutcome:
     sync: bool = False
     # peer_id -> own expert m -> terms (rows of the aggregation matrix A).
     plans: dict[str, dict[int, list[Term]]] = field(default_factory=dict)
+
+
+# How a round's uploads of the shared part (tensors named `prefix`...) become one aggregate:
+# FedAvg's sample-weighted mean by default, or a robust rule (coordinator/strategies/robust.py).
+Combine = Callable[[list["PeerUpdate"], str], dict[str, np.ndarray]]
 
 
 class Strategy(Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.strategies.base import PeerUpdate, RoundOutcome
+from coordinator.strategies.base import Combine, PeerUpdate, RoundOutcome
 
 
 def weighted_average(updates: list[PeerUpdate], prefix: str = "") -> dict[str, np.ndarray]:
@@ -27,8 +27,11 @@ def weighted_average(updates: list[PeerUpdate], prefix: str = "") -> dict[str, n
 class FedAvg:
     """The whole MoE (embedding, gate, experts) averaged through the coordinator."""
 
+    def __init__(self, combine: Combine = weighted_average) -> None:
+        self.combine = combine
+
     def aggregate(self, round_: int, updates: list[PeerUpdate]) -> RoundOutcome:
-        return RoundOutcome(shared=weighted_average(updates))
+        return RoundOutcome(shared=self.combine(updates, ""))
 
 
 class Local:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.strategies.base import PeerUpdate, RoundOutcome, Term
+from coordinator.strategies.base import Combine, PeerUpdate, RoundOutcome, Term
 from coordinator.strategies.fedavg import weighted_average
 
 GATE = "gate.proxies"
@@ -72,14 +72,16 @@ class FedMoEDA:
         temperature: float,
         sync_every: int,
         intra_peer: bool = True,
+        combine: Combine = weighted_average,
     ) -> None:
+        self.combine = combine  # the embedding's aggregate (mean, or a robust rule)
         self.neighbors = neighbors
         self.temperature = temperature
         self.sync_every = sync_every
         self.intra_peer = intra_peer
 
     def aggregate(self, round_: int, updates: list[PeerUpdate]) -> RoundOutcome:
-        outcome = RoundOutcome(shared=weighted_average(updates, prefix="embedding."))
+        outcome = RoundOutcome(shared=self.combine(updates, "embedding."))
         if round_ % self.sync_every != 0:
             return outcome
         outcome.sync = True
