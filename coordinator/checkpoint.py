@@ -3,6 +3,8 @@
 Layout:
   state.json                    round counters, membership (with sessions: keep the dir private),
                                 plans of the last closed rounds, pending metrics reports
+  members.jsonl                 joins since state.json was written, one line each (appended and
+                                fsynced: a Join never rewrites the whole state)
   shared-<round>.npz            the aggregate of a closed round (the embedding, or the whole model)
   updates/<round>/<peer>.npz    uploads of the open round, saved before they are acknowledged
 
@@ -25,6 +27,7 @@ from coordinator.rounds import ClosedRound, Member, RoundBook
 from coordinator.strategies import PeerUpdate, RoundOutcome, Term
 
 STATE = "state.json"
+MEMBERS = "members.jsonl"
 NUM_SAMPLES = "__num_samples__"
 
 
@@ -87,6 +90,15 @@ class CoordinatorCheckpoint:
                 f.unlink()
             folder.rmdir()
 
+    def save_member(self, member: Member) -> None:
+        line = json.dumps(_member_to_dict(member), sort_keys=True) + "\n"
+        fd = os.open(self.dir / MEMBERS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def save_state(self, book: RoundBook) -> None:
         for r, closed in book.closed.items():
             if r not in self._written:
@@ -101,18 +113,7 @@ class CoordinatorCheckpoint:
             "closed_round": book.closed_round,
             "reported_round": book.reported_round,
             "embedding_version": book.embedding_version,
-            "members": [
-                {
-                    "peer_id": m.peer_id,
-                    "index": m.index,
-                    "address": m.address,
-                    "session": m.session,
-                    "reported": sorted(m.reported),
-                    "joins": m.joins,
-                    "alive": m.alive,
-                }
-                for m in book.members.values()
-            ],
+            "members": [_member_to_dict(m) for m in book.members.values()],
             "participants": {str(r): p for r, p in book.participants.items()},
             "pending_reports": {str(r): v for r, v in book.pending_reports.items()},
             "closed": {
@@ -131,10 +132,13 @@ class CoordinatorCheckpoint:
                 for r, c in book.closed.items()
             },
             "tensors_received": sorted(book.tensors_received),
-            "events": book.events,
+            "events": list(book.events),
+            "events_dropped": book.events_dropped,
         }
         data = json.dumps(state, sort_keys=True).encode()
         atomic_write(self.dir / STATE, lambda f: f.write(data))
+        # Every member is in the new state: the journal of joins starts over.
+        (self.dir / MEMBERS).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ resume
 
@@ -145,7 +149,15 @@ class CoordinatorCheckpoint:
         book.closed_round = state["closed_round"]
         book.reported_round = state["reported_round"]
         book.embedding_version = state["embedding_version"]
-        for m in state["members"]:
+        members = list(state["members"])
+        journal = self.dir / MEMBERS
+        if journal.is_file():
+            for line in journal.read_text().splitlines():
+                try:
+                    members.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by the crash: that join was never acknowledged
+        for m in members:  # later lines win: a rejoin replaces the member's earlier record
             # Everyone gets a fresh peer_timeout to reconnect and heartbeat again.
             book.members[m["peer_id"]] = Member(
                 m["peer_id"],
@@ -156,7 +168,10 @@ class CoordinatorCheckpoint:
                 alive=True,
                 reported=set(m["reported"]),
                 joins=m["joins"],
+                secret_digest=m.get("secret_digest", ""),
+                num_samples=m.get("num_samples", 0),
             )
+        book.index_sessions()
         book.participants = {int(r): p for r, p in state["participants"].items()}
         book.pending_reports = {int(r): v for r, v in state["pending_reports"].items()}
         for r_str, c in state["closed"].items():
@@ -175,7 +190,8 @@ class CoordinatorCheckpoint:
             tickets = {(s, q): t for s, q, t in c["tickets"]}
             book.closed[r] = ClosedRound(outcome, c["participants"], tickets, now)
         book.tensors_received = set(state["tensors_received"])
-        book.events = state["events"]
+        book.events.extend(state["events"])
+        book.events_dropped = state.get("events_dropped", 0)
         folder = self.dir / "updates" / str(book.closed_round + 1)
         if folder.is_dir():
             for f in sorted(folder.glob("*.npz")):
@@ -184,3 +200,17 @@ class CoordinatorCheckpoint:
                 book.updates[f.stem] = PeerUpdate(f.stem, n, arrays)
         book.round_opened_at = now
         book._event("coordinator restarted")
+
+
+def _member_to_dict(m: Member) -> dict[str, Any]:
+    return {
+        "peer_id": m.peer_id,
+        "index": m.index,
+        "address": m.address,
+        "session": m.session,
+        "reported": sorted(m.reported),
+        "joins": m.joins,
+        "alive": m.alive,
+        "secret_digest": m.secret_digest,
+        "num_samples": m.num_samples,
+    }

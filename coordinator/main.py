@@ -78,6 +78,7 @@ def run_coordinator(
     state_dir: Path | None,
     tls: TlsFiles | None,
     wire_iface: str | None = None,
+    advertise_allow: tuple = (),
 ) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     wire = WireMeter(detect_interfaces(wire_iface, on_loopback=is_loopback_listen(listen)))
@@ -112,6 +113,7 @@ def run_coordinator(
         results.write_round(round_, records)
 
     book = RoundBook(cfg, make_strategy(cfg), write_round, checkpoint)
+    book.advertise_allow = advertise_allow
     if resuming:
         assert checkpoint is not None
         checkpoint.restore(book)
@@ -126,10 +128,16 @@ def run_coordinator(
         checkpoint.save_state(book)
 
     counter = ByteCounter()
+    # Honest peers hold at most ~3 calls each (result wait, heartbeat, report); calls beyond the
+    # pool are refused (RESOURCE_EXHAUSTED) instead of queueing behind held threads.
+    workers = max(16, 4 * cfg.peers + 8)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(16, 4 * cfg.peers + 8)), options=SERVER_OPTIONS
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=workers,
     )
-    rpc.add_CoordinatorServicer_to_server(CoordinatorService(book, counter, token), server)
+    service = CoordinatorService(book, counter, token, tls=tls is not None)
+    rpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -167,7 +175,9 @@ def run_coordinator(
             "embedding_version": book.embedding_version,
             "membership": book.membership_summary(),
             "dropped_peers": book.dropped_peers(),
-            "events": book.events,
+            "events": list(book.events),
+            "events_dropped": book.events_dropped,
+            "round_timings": book.round_timings,
             "wire_bytes": wire_summary(wire, wire_by_round, results.records),
             "coordinator_view": {
                 "bytes_sent": totals["coordinator_sent"],

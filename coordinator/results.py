@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -13,11 +14,23 @@ from common.config import algorithm_name, config_to_dict
 from common.proto import pb
 
 
+def strict(data: Any) -> Any:
+    """Make data strict JSON: a non-finite float (never expected: reports are range-checked)
+    becomes null rather than the `NaN`/`Infinity` that strict parsers reject."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: strict(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict(v) for v in data]
+    return data
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write to a temporary file, fsync, then rename: readers never see half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(strict(data), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -65,7 +78,7 @@ class RunResults:
     def write_round(self, round_: int, records: list[dict[str, Any]]) -> None:
         with open(self.metrics_path, "a") as f:
             for rec in records:
-                f.write(json.dumps(rec, sort_keys=True) + "\n")
+                f.write(json.dumps(strict(rec), sort_keys=True, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.records.extend(records)

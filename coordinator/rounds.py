@@ -15,23 +15,37 @@ Rules (DESIGN.md §1.4, issue "reliability"):
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-import re
+import math
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from common.config import upload_prefixes
+from common.config import participants, takes_part, upload_prefixes
+from common.logsafe import clip
 from common.model_schema import model_schema
+from common.netaddr import check_advertise
 from common.proto import pb
 from coordinator.strategies import PeerUpdate, RoundOutcome, Strategy, Term
 
-ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+# The event log is bounded: a member (or a stolen token) that rejoins in a loop cannot grow the
+# coordinator's memory or its checkpoint. The oldest events give way; their count is kept.
+MAX_EVENTS = 512
+# Upper bounds of a peer's training rows per built-in data set (all the set's rows; CIFAR-10's
+# full training set). A claimed sample count above it is a lie that would buy FedAvg weight.
+MAX_TRAIN_SAMPLES = {"digits": 1797, "synthetic": 2000, "cifar10": 50_000}
+
+
+def secret_digest(secret: str) -> str:
+    """Sessions and member secrets are looked up and stored by digest, never compared as text."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class Refused(Exception):
@@ -52,6 +66,9 @@ class Member:
     alive: bool = True
     reported: set[int] = field(default_factory=set)
     joins: int = 1
+    secret_digest: str = ""  # of the member secret issued at its first join
+    secret: str = ""  # the secret itself, only until the Join reply carries it (never persisted)
+    num_samples: int = 0  # declared by its first upload; later uploads must agree
 
 
 @dataclass
@@ -60,12 +77,19 @@ class ClosedRound:
     participants: list[str]
     tickets: dict[tuple[str, str], str]  # (source, requester) -> ticket
     closed_at: float
+    # source -> requester -> experts; computed once, not per peer asking for its plan
+    orders: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.orders:
+            self.orders = serve_orders(self.outcome)
 
 
 class Persistence(Protocol):
     def save_update(self, round_: int, update: PeerUpdate) -> None: ...
     def drop_updates(self, round_: int) -> None: ...
     def save_state(self, book: RoundBook) -> None: ...
+    def save_member(self, member: Member) -> None: ...
 
 
 def serve_orders(outcome: RoundOutcome) -> dict[str, dict[str, list[int]]]:
@@ -106,7 +130,12 @@ class RoundBook:
         self.embedding_version = 0
         self.round_opened_at = clock()
         self.tensors_received: set[str] = set()
-        self.events: list[dict[str, Any]] = []
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.events_dropped = 0
+        self.round_timings: list[dict[str, Any]] = []  # aggregate + plan time per closed round
+        self._sessions: dict[str, str] = {}  # digest of a session -> peer_id
+        self.advertise_allow: tuple = ()  # networks advertised addresses must lie in (optional)
+        self.max_samples = MAX_TRAIN_SAMPLES.get(cfg.dataset)  # None: not known here
         # Participants that restarted after a round closed: they never finish that round.
         self.abandoned: dict[int, set[str]] = {}
         self.failure: str | None = None
@@ -114,36 +143,73 @@ class RoundBook:
 
     # ------------------------------------------------------------------ membership
 
-    def join(self, index: int, address: str) -> Member:
+    def join(self, index: int, address: str, member_secret: str = "") -> Member:
+        """Admit peer `index`; `Member.secret` holds its member secret (new on a first join).
+
+        An index is an identity: once taken, only the holder of the member secret issued at the
+        first join may rejoin under it while the member is alive. A member that went silent
+        (left out after `peer_timeout`) may be taken over without it, so that a peer restarted
+        without its --state-dir can come back; its history stays with the index.
+        """
         if index >= self.cfg.peers:
             raise Refused(
                 "INVALID_ARGUMENT", f"peer index {index} is out of range for {self.cfg.peers} peers"
             )
-        match = ADDRESS_RE.match(address)
-        if not match or not 0 < int(match.group(2)) < 65536:
-            raise Refused("INVALID_ARGUMENT", f"advertised address {address!r} is not host:port")
+        try:
+            address = check_advertise(address, self.advertise_allow)
+        except ValueError as e:
+            raise Refused("INVALID_ARGUMENT", f"advertised address refused: {e}") from e
+        if len(member_secret) > 128:
+            raise Refused("INVALID_ARGUMENT", "member secret too long")
         with self._cv:
             peer_id = f"peer-{index}"
             old = self.members.get(peer_id)
+            proven = old is not None and bool(member_secret) and bool(old.secret_digest)
+            proven = proven and hmac.compare_digest(
+                old.secret_digest if old else "", secret_digest(member_secret)
+            )
+            if old is not None and old.alive and not proven:
+                raise Refused(
+                    "PERMISSION_DENIED",
+                    f"index {index} belongs to a live member; a restarted peer proves it is that "
+                    "member with the secret issued at its first join (kept in its --state-dir)",
+                )
+            secret = member_secret if proven else secrets.token_urlsafe(24)
             member = Member(peer_id, index, address, secrets.token_urlsafe(24), self.clock())
+            member.secret_digest, member.secret = secret_digest(secret), secret
             if old is not None:  # a restarted peer: new session, same identity and history
                 member.reported, member.joins = old.reported, old.joins + 1
-                self._event("rejoined", peer_id, address=address)
+                member.num_samples = old.num_samples
+                self._sessions.pop(secret_digest(old.session), None)
+                self._event("rejoined", peer_id, proven=proven)
                 for r, peers in self.participants.items():
                     if r > self.reported_round and peer_id in peers and r not in member.reported:
                         self.abandoned.setdefault(r, set()).add(peer_id)
             self.members[peer_id] = member
+            self._sessions[secret_digest(member.session)] = peer_id
             self.updates.pop(peer_id, None)
-            self._save()
+            if self.persist:
+                self.persist.save_member(member)
             self._cv.notify_all()
             return member
 
     def authenticate(self, session: str) -> Member:
-        with self._cv:
-            for member in self.members.values():
-                if session and hmac.compare_digest(member.session, session):
-                    return member
+        if session and len(session) <= 128:
+            with self._cv:
+                peer_id = self._sessions.get(secret_digest(session))
+                if peer_id is not None:
+                    return self.members[peer_id]
         raise Refused("UNAUTHENTICATED", "unknown or expired session: join the run first")
+
+    def index_sessions(self) -> None:
+        """Rebuild the session lookup (after a restore)."""
+        with self._cv:
+            self._sessions = {secret_digest(m.session): p for p, m in self.members.items()}
+
+    def wake(self) -> None:
+        """Wake every waiter so that it re-checks its condition (a call was cancelled)."""
+        with self._cv:
+            self._cv.notify_all()
 
     def heartbeat(self, member: Member) -> None:
         with self._cv:
@@ -167,6 +233,12 @@ class RoundBook:
     def ordered(self, peer_ids: list[str] | set[str]) -> list[str]:
         return sorted(peer_ids, key=lambda p: self.members[p].index)
 
+    def sampled(self, round_: int) -> set[str]:
+        """Members that take part in `round_` (all of them without partial participation)."""
+        if not self.cfg.clients_per_round:
+            return set(self.members)
+        return {f"peer-{k}" for k in participants(self.cfg, round_)} & set(self.members)
+
     @property
     def open_round(self) -> int:
         return self.closed_round + 1
@@ -186,14 +258,29 @@ class RoundBook:
             raise Refused("FAILED_PRECONDITION", "this algorithm uploads nothing")
         if num_samples <= 0:
             raise Refused("INVALID_ARGUMENT", "num_samples must be positive")
+        if self.max_samples is not None and num_samples > self.max_samples:
+            raise Refused(
+                "INVALID_ARGUMENT",
+                f"num_samples {num_samples} exceeds the {self.max_samples} training samples of "
+                f"{self.cfg.dataset}",
+            )
+        if num_samples >= 1 << 40:
+            raise Refused("INVALID_ARGUMENT", "num_samples is implausibly large")
         for name, array in tensors.items():
             if not name.startswith(expected):
                 raise Refused(
-                    "INVALID_ARGUMENT", f"tensor {name!r} is not uploaded in round {round_}"
+                    "INVALID_ARGUMENT", f"tensor {clip(name)} is not uploaded in round {round_}"
                 )
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                raise Refused("INVALID_ARGUMENT", f"tensor {name!r} has NaN or infinite values")
+            check_tensor_values(name, array, self.cfg.max_tensor_norm)
+        if not takes_part(self.cfg, member.index, round_):
+            raise Refused("FAILED_PRECONDITION", f"you are not sampled for round {round_}")
         with self._cv:
+            if member.num_samples and num_samples != member.num_samples:
+                raise Refused(
+                    "INVALID_ARGUMENT",
+                    f"num_samples {num_samples} differs from the {member.num_samples} declared by "
+                    "your first upload",
+                )
             if round_ <= self.closed_round and member.peer_id in self.participants.get(round_, []):
                 return  # a retry whose first ack was lost: the upload is already in the round
             if round_ <= self.closed_round:
@@ -211,6 +298,7 @@ class RoundBook:
             if self.persist:
                 self.persist.save_update(round_, update)  # durable before it is acked
             self.updates[member.peer_id] = update
+            member.num_samples = num_samples
             self.tensors_received.update(n.split(".", 1)[0] for n in tensors)
             member.last_seen = self.clock()
             self._maybe_close()
@@ -237,23 +325,36 @@ class RoundBook:
         if not self.uploads or self.closed_round >= self.cfg.rounds or self.failure:
             return
         submitted = set(self.updates)
-        everyone = len(self.members) == self.cfg.peers and submitted >= set(self.alive())
+        sampled = self.sampled(self.open_round)
+        expected_count = len(participants(self.cfg, self.open_round))
+        live = {p for p in sampled if self.members[p].alive}
+        everyone = len(sampled) == expected_count and submitted >= live
         deadline = self.clock() - self.round_opened_at >= self.cfg.round_timeout
         if len(submitted) >= self.cfg.min_peers and (everyone or deadline):
             self._close(self.open_round)
 
     def _close(self, round_: int) -> None:
         peers = self.ordered(set(self.updates))
+        started = time.perf_counter()
         outcome = self.strategy.aggregate(round_, [self.updates[p] for p in peers])
+        orders = serve_orders(outcome)
+        self.round_timings.append(
+            {
+                "round": round_,
+                "uploads": len(peers),
+                "sync": outcome.sync,
+                "aggregate_seconds": round(time.perf_counter() - started, 4),
+            }
+        )
         tickets = {
             (source, requester): secrets.token_urlsafe(16)
-            for source, reqs in serve_orders(outcome).items()
+            for source, reqs in orders.items()
             for requester in reqs
         }
         late = sorted(set(self.alive()) - set(peers))
         if late:
             self._event("left out", *late, round=round_)
-        self.closed[round_] = ClosedRound(outcome, peers, tickets, self.clock())
+        self.closed[round_] = ClosedRound(outcome, peers, tickets, self.clock(), orders)
         self.closed.pop(round_ - 2, None)  # every participant has moved past it by now
         self.participants[round_] = peers
         self.closed_at[round_] = self.clock()
@@ -267,19 +368,36 @@ class RoundBook:
             self.persist.drop_updates(round_)
         self._cv.notify_all()
 
-    def wait_outcome(self, member: Member, round_: int) -> tuple[ClosedRound, int]:
+    def _limit(self, wait_seconds: float | None) -> float:
+        """How long a call may wait here: the protocol's bound, or less if the caller's deadline
+        (or its cancellation, which wakes the wait) comes first."""
+        limit = 2 * self.cfg.round_timeout + self.cfg.peer_timeout
+        return limit if wait_seconds is None else max(0.0, min(limit, wait_seconds))
+
+    def wait_outcome(
+        self,
+        member: Member,
+        round_: int,
+        wait_seconds: float | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> tuple[ClosedRound, int]:
         """Block until `round_` is closed; returns it and the embedding version."""
         self.check_round(round_)
-        limit = 2 * self.cfg.round_timeout + self.cfg.peer_timeout
+        limit = self._limit(wait_seconds)
+        if round_ > self.open_round:
+            raise Refused("FAILED_PRECONDITION", f"round {round_} has not opened yet")
         with self._cv:
             ok = self._cv.wait_for(
                 lambda: (
                     self.closed_round >= round_
                     or self.failure is not None
                     or (round_ == self.open_round and member.peer_id not in self.updates)
+                    or (cancelled is not None and cancelled.is_set())
                 ),
                 timeout=limit,
             )
+            if cancelled is not None and cancelled.is_set():
+                raise Refused("CANCELLED", "the call was cancelled")
             if self.failure is not None:
                 raise Refused("ABORTED", f"the run failed: {self.failure}")
             if not ok:
@@ -294,9 +412,30 @@ class RoundBook:
                 )
             return closed, self.embedding_version
 
-    def latest(self) -> tuple[int, int, dict[str, np.ndarray]]:
-        """(last closed round, embedding version, its aggregate) for catching up."""
+    def latest(
+        self,
+        after_round: int = 0,
+        wait_seconds: float | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> tuple[int, int, dict[str, np.ndarray]]:
+        """(last closed round, embedding version, its aggregate) for catching up; with
+        `after_round`, first wait (bounded) until that round is closed."""
+        if after_round > self.cfg.rounds:
+            raise Refused("INVALID_ARGUMENT", f"round {after_round} is past the run's end")
         with self._cv:
+            if after_round:
+                self._cv.wait_for(
+                    lambda: (
+                        self.closed_round >= after_round
+                        or self.failure is not None
+                        or (cancelled is not None and cancelled.is_set())
+                    ),
+                    timeout=self._limit(wait_seconds),
+                )
+                if self.failure is not None:
+                    raise Refused("ABORTED", f"the run failed: {self.failure}")
+                if self.closed_round < after_round:
+                    raise Refused("DEADLINE_EXCEEDED", f"round {after_round} did not close in time")
             closed = self.closed.get(self.closed_round)
             shared = closed.outcome.shared if closed else {}
             return self.closed_round, self.embedding_version, shared
@@ -313,6 +452,10 @@ class RoundBook:
                 return  # a retried report: already counted once
             if self.uploads and round_ > self.closed_round:
                 raise Refused("FAILED_PRECONDITION", f"round {round_} is not closed yet")
+            if self.uploads and member.peer_id not in self.participants.get(round_, ()):
+                raise Refused("FAILED_PRECONDITION", f"you did not take part in round {round_}")
+            if not self.uploads and not takes_part(self.cfg, member.index, round_):
+                raise Refused("FAILED_PRECONDITION", f"you are not sampled for round {round_}")
             self.pending_reports.setdefault(round_, {})[member.peer_id] = record
             self._maybe_write()
             self._save()
@@ -327,8 +470,8 @@ class RoundBook:
                     return
                 expected = set(self.participants[r])
                 since = self.closed_at.get(r, self.round_opened_at)
-            else:  # local: no uploads; every member trains every round
-                expected = set(self.members)
+            else:  # local: no uploads; every sampled member trains
+                expected = self.sampled(r)
                 since = self.round_opened_at
             deadline = self.clock() - since >= self.cfg.round_timeout
             if not self.uploads and len(self.members) < self.cfg.peers and not deadline:
@@ -359,12 +502,18 @@ class RoundBook:
                 self.round_opened_at = self.clock()
             self._cv.notify_all()
 
-    def wait_run_finished(self) -> bool:
+    def wait_run_finished(
+        self, wait_seconds: float | None = None, cancelled: threading.Event | None = None
+    ) -> bool:
         """Held by peers after their last report so that nobody stops serving experts early."""
         with self._cv:
             ok = self._cv.wait_for(
-                lambda: self.finished or self.failure is not None,
-                timeout=2 * self.cfg.round_timeout + self.cfg.peer_timeout,
+                lambda: (
+                    self.finished
+                    or self.failure is not None
+                    or (cancelled is not None and cancelled.is_set())
+                ),
+                timeout=self._limit(wait_seconds),
             )
             if self.failure is not None:
                 raise Refused("ABORTED", f"the run failed: {self.failure}")
@@ -408,6 +557,8 @@ class RoundBook:
     # ------------------------------------------------------------------ reporting
 
     def _event(self, kind: str, *peers: str, **info: Any) -> None:
+        if len(self.events) == self.events.maxlen:
+            self.events_dropped += 1
         self.events.append(
             {"event": kind, "peers": list(peers), "open_round": self.open_round, **info}
         )
@@ -417,20 +568,39 @@ class RoundBook:
             self.persist.save_state(self)
 
     def membership_summary(self) -> dict[str, Any]:
-        rounds = set(range(1, self.reported_round + 1))
+        def due(m: Member) -> set[int]:  # rounds it was sampled for and that are written
+            return {
+                r for r in range(1, self.reported_round + 1) if takes_part(self.cfg, m.index, r)
+            }
+
         return {
             m.peer_id: {
                 "address": m.address,
                 "joins": m.joins,
                 "alive": m.alive,
                 "rounds_reported": len(m.reported),
-                "rounds_missed": sorted(rounds - m.reported),
+                "rounds_missed": sorted(due(m) - m.reported),
             }
             for m in sorted(self.members.values(), key=lambda m: m.index)
         }
 
     def dropped_peers(self) -> list[str]:
+        """Members that missed a round they were sampled for."""
         return sorted(p for p, s in self.membership_summary().items() if s["rounds_missed"])
+
+
+def check_tensor_values(name: str, array: np.ndarray, max_norm: float) -> None:
+    """Every float tensor that arrives must be finite and within the run's norm bound."""
+    if array.dtype.kind != "f":
+        return
+    norm = float(np.linalg.norm(array.astype(np.float64, copy=False).ravel()))
+    if not math.isfinite(norm):
+        raise Refused("INVALID_ARGUMENT", f"tensor {clip(name)} has NaN or infinite values")
+    if max_norm and norm > max_norm:
+        raise Refused(
+            "INVALID_ARGUMENT",
+            f"tensor {clip(name)} has L2 norm {norm:.3g}, above the bound {max_norm:g}",
+        )
 
 
 __all__ = ["ClosedRound", "Member", "Refused", "RoundBook", "Term", "serve_orders"]

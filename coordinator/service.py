@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import grpc
@@ -13,15 +16,23 @@ import grpc
 from common.accounting import ByteCounter
 from common.auth import SESSION_METADATA, TOKEN_METADATA
 from common.config import ALGORITHM_NAMES, upload_prefixes
+from common.logsafe import clip
 from common.proto import pb, rpc
 from common.tensors import TensorAssembler, TensorSpec, WireError, chunk_tensors, numpy_to_wire
-from coordinator.rounds import Member, Refused, RoundBook, serve_orders
+from common.tls import peer_identity
+from coordinator.rounds import Member, Refused, RoundBook
 
 log = logging.getLogger("fedmoe.coordinator")
 
 
+# Concurrent calls one member may have open per method. An honest peer has at most one (two
+# while a retry overlaps a call the network lost); more is a member trying to hold threads.
+CALLS_PER_MEMBER = {"Heartbeat": 4}
+DEFAULT_CALLS_PER_MEMBER = 2
+
+
 def _abort(context: grpc.ServicerContext, code: str, message: str) -> NoReturn:
-    log.warning("refused %s: %s: %s", context.peer(), code, message)
+    log.warning("refused %s: %s: %s", clip(context.peer()), code, clip(message, 200))
     context.abort(getattr(grpc.StatusCode, code), message)
     raise AssertionError("unreachable")  # context.abort raises
 
@@ -29,35 +40,122 @@ def _abort(context: grpc.ServicerContext, code: str, message: str) -> NoReturn:
 def _metadata(context: grpc.ServicerContext, key: str) -> str:
     for k, v in context.invocation_metadata() or ():
         if k == key:
-            return v if isinstance(v, str) else v.decode()
+            return v if isinstance(v, str) else v.decode(errors="replace")
     return ""
 
 
+class _Waiting:
+    """Lets a blocked call end as soon as its caller cancels it (or its deadline passes).
+
+    gRPC runs the callback when the call ends for any reason; only a call still blocked in the
+    book needs waking, so finished calls do not wake every other waiter (at 1,000 peers that
+    would be a million wake-ups per round)."""
+
+    def __init__(self, context: grpc.ServicerContext, book: RoundBook) -> None:
+        self.cancelled = threading.Event()
+        self.seconds = context.time_remaining()
+        self.blocked = True
+
+        def ended() -> None:
+            self.cancelled.set()
+            if self.blocked:
+                book.wake()  # the waiter re-checks its condition and sees the cancellation
+
+        context.add_callback(ended)
+
+
+def _check_report(request: pb.MetricsReport, cfg: pb.RunConfig) -> str | None:
+    """What is wrong with a metrics report, if anything: every figure is finite and in range."""
+    for name in ("accuracy", "global_accuracy"):
+        value = getattr(request, name)
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            return f"{name} must be a number in [0, 1]"
+    for name in ("loss", "seconds", "train_seconds", "exchange_seconds"):
+        value = getattr(request, name)
+        if not (math.isfinite(value) and 0.0 <= value < 1e9):
+            return f"{name} must be a finite non-negative number"
+    if request.experts_fetched > cfg.peers * cfg.num_experts:
+        return "experts_fetched exceeds the pool"
+    counts = [request.wire_sent, request.wire_received]
+    counts += [getattr(request.bytes, f) for f in ("coordinator_sent", "coordinator_received")]
+    counts += [request.bytes.p2p_sent, request.bytes.p2p_received, request.num_samples]
+    if any(c >= 1 << 50 for c in counts):
+        return "byte or sample counts are implausibly large"
+    if len(request.wire_interfaces) > 256:
+        return "wire_interfaces is too long"
+    return None
+
+
 class CoordinatorService(rpc.CoordinatorServicer):
-    def __init__(self, book: RoundBook, counter: ByteCounter, token: str) -> None:
+    def __init__(
+        self, book: RoundBook, counter: ByteCounter, token: str, tls: bool = False
+    ) -> None:
         self.book = book
         self.cfg = book.cfg
         self.counter = counter  # the coordinator's own view, per round, for cross-checks
         self.token = token
+        self.tls = tls  # under mutual TLS a certificate name is bound to the index it joins as
+        self._calls: dict[tuple[str, str], int] = {}
+        self._calls_lock = threading.Lock()
 
     def _member(self, context: grpc.ServicerContext, peer_id: str) -> Member:
-        """The caller's membership, from its session secret; it may act only as itself."""
+        """The caller's membership, from its session secret; it may act only as itself.
+
+        Read from metadata before anything of the request stream: a caller without a session
+        is refused at once and holds no thread."""
         try:
             member = self.book.authenticate(_metadata(context, SESSION_METADATA))
         except Refused as e:
             _abort(context, e.code, str(e))
         if peer_id and peer_id != member.peer_id:
-            _abort(context, "PERMISSION_DENIED", f"session of {member.peer_id} used as {peer_id}")
+            _abort(
+                context, "PERMISSION_DENIED", f"session of {member.peer_id} used as {clip(peer_id)}"
+            )
         return member
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        if not hmac.compare_digest(_metadata(context, TOKEN_METADATA), self.token):
-            _abort(context, "UNAUTHENTICATED", "invalid join token for this run")
+    @contextmanager
+    def _slot(self, context: grpc.ServicerContext, member: Member, method: str) -> Iterator[None]:
+        """Bound the calls one member may hold open at once (RESOURCE_EXHAUSTED beyond)."""
+        key = (member.peer_id, method)
+        limit = CALLS_PER_MEMBER.get(method, DEFAULT_CALLS_PER_MEMBER)
+        with self._calls_lock:
+            if self._calls.get(key, 0) >= limit:
+                busy = True
+            else:
+                busy = False
+                self._calls[key] = self._calls.get(key, 0) + 1
+        if busy:
+            _abort(
+                context,
+                "RESOURCE_EXHAUSTED",
+                f"{member.peer_id} already has {limit} {method} call(s) open",
+            )
         try:
-            member = self.book.join(request.index, request.advertise)
+            yield
+        finally:
+            with self._calls_lock:
+                self._calls[key] -= 1
+                if not self._calls[key]:
+                    del self._calls[key]
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        if not hmac.compare_digest(
+            _metadata(context, TOKEN_METADATA).encode(), self.token.encode()
+        ):
+            _abort(context, "UNAUTHENTICATED", "invalid join token for this run")
+        if self.tls:
+            name = peer_identity(context.auth_context() or {})
+            if name != f"peer-{request.index}":
+                _abort(
+                    context,
+                    "PERMISSION_DENIED",
+                    f"certificate {clip(name)} may not join as peer-{request.index}",
+                )
+        try:
+            member = self.book.join(request.index, request.advertise, request.member_secret)
         except Refused as e:
             _abort(context, e.code, str(e))
-        log.info("%s joined from %s (%s)", member.peer_id, request.advertise, context.peer())
+        log.info("%s joined from %s (%s)", member.peer_id, member.address, clip(context.peer()))
         start = self.book.open_round if self.book.uploads else self.book.reported_round + 1
         reply = pb.JoinReply(
             peer_id=member.peer_id,
@@ -65,6 +163,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             start_round=start,
             session=member.session,
             heartbeat_ms=max(200, int(self.cfg.peer_timeout * 1000 / 5)),
+            member_secret=member.secret,
         )
         self.counter.message(start, "coordinator", "received", request)
         self.counter.message(start, "coordinator", "sent", reply)
@@ -74,6 +173,8 @@ class CoordinatorService(rpc.CoordinatorServicer):
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatReply:
         member = self._member(context, request.peer_id)
+        if request.round > self.cfg.rounds + 1:
+            _abort(context, "INVALID_ARGUMENT", f"round {request.round} is past the run's end")
         self.book.heartbeat(member)
         reply = pb.HeartbeatReply(
             open_round=self.book.open_round,
@@ -88,12 +189,27 @@ class CoordinatorService(rpc.CoordinatorServicer):
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.UpdatePart], context: grpc.ServicerContext
     ) -> pb.UpdateAck:
+        member = self._member(context, "")  # before reading a byte of the stream
+        with self._slot(context, member, "SubmitUpdate"):
+            return self._submit(member, request_iterator, context)
+
+    def _submit(
+        self,
+        member: Member,
+        request_iterator: Iterator[pb.UpdatePart],
+        context: grpc.ServicerContext,
+    ) -> pb.UpdateAck:
         parts = iter(request_iterator)
         first = next(parts, None)
         if first is None or not first.HasField("header"):
             _abort(context, "INVALID_ARGUMENT", "an update stream must start with its header")
         header = first.header
-        member = self._member(context, header.peer_id)
+        if header.peer_id and header.peer_id != member.peer_id:
+            _abort(
+                context,
+                "PERMISSION_DENIED",
+                f"session of {member.peer_id} used as {clip(header.peer_id)}",
+            )
         sizes = first.ByteSize()
         tensors: dict = {}
         try:
@@ -127,15 +243,26 @@ class CoordinatorService(rpc.CoordinatorServicer):
         self, request: pb.RoundRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.RoundResultPart]:
         member = self._member(context, request.peer_id)
-        try:
-            closed, version = self.book.wait_outcome(member, request.round)
-        except Refused as e:
-            _abort(context, e.code, str(e))
+        with self._slot(context, member, "GetRoundResult"):
+            waiting = _Waiting(context, self.book)
+            try:
+                closed, version = self.book.wait_outcome(
+                    member, request.round, waiting.seconds, waiting.cancelled
+                )
+            except Refused as e:
+                _abort(context, e.code, str(e))
+            finally:
+                waiting.blocked = False
+            yield from self._round_result(member, request, closed, version)
+
+    def _round_result(
+        self, member: Member, request: pb.RoundRequest, closed: Any, version: int
+    ) -> Iterator[pb.RoundResultPart]:
         self.counter.message(request.round, "coordinator", "received", request)
         me = member.peer_id
         rows = closed.outcome.plans.get(me, {})
         sources = sorted({t.peer_id for terms in rows.values() for t in terms} - {me})
-        orders = serve_orders(closed.outcome).get(me, {})
+        orders = closed.orders.get(me, {})
         plan = pb.Plan(
             round=request.round,
             embedding_version=version,
@@ -166,8 +293,22 @@ class CoordinatorService(rpc.CoordinatorServicer):
     def GetLatestModel(
         self, request: pb.LatestRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.RoundResultPart]:
-        self._member(context, request.peer_id)
-        round_, version, shared = self.book.latest()
+        member = self._member(context, request.peer_id)
+        with self._slot(context, member, "GetLatestModel"):
+            waiting = _Waiting(context, self.book)
+            try:
+                round_, version, shared = self.book.latest(
+                    request.after_round, waiting.seconds, waiting.cancelled
+                )
+            except Refused as e:
+                _abort(context, e.code, str(e))
+            finally:
+                waiting.blocked = False
+            yield from self._latest(request, round_, version, shared)
+
+    def _latest(
+        self, request: pb.LatestRequest, round_: int, version: int, shared: dict[str, Any]
+    ) -> Iterator[pb.RoundResultPart]:
         self.counter.message(request.round, "coordinator", "received", request)
         yield from self._stream(
             request.round, pb.Plan(round=round_, embedding_version=version), shared
@@ -189,6 +330,15 @@ class CoordinatorService(rpc.CoordinatorServicer):
         self, request: pb.MetricsReport, context: grpc.ServicerContext
     ) -> pb.MetricsAck:
         member = self._member(context, request.peer_id)
+        problem = _check_report(request, self.cfg)
+        if problem:
+            _abort(context, "INVALID_ARGUMENT", f"metrics report refused: {problem}")
+        with self._slot(context, member, "ReportMetrics"):
+            return self._report(member, request, context)
+
+    def _report(
+        self, member: Member, request: pb.MetricsReport, context: grpc.ServicerContext
+    ) -> pb.MetricsAck:
         last = request.round == self.cfg.rounds
         ack = pb.MetricsAck(round=request.round, run_finished=last)
         # The report and its ack belong to this round's traffic too; the peer cannot count its
@@ -224,8 +374,14 @@ class CoordinatorService(rpc.CoordinatorServicer):
             self.book.report(member, request.round, record)
             self.counter.message(request.round, "coordinator", "received", request)
             self.counter.message(request.round, "coordinator", "sent", ack)
-            if last and not self.book.wait_run_finished():
-                _abort(context, "DEADLINE_EXCEEDED", "other peers did not finish the last round")
+            if last:
+                waiting = _Waiting(context, self.book)
+                finished = self.book.wait_run_finished(waiting.seconds, waiting.cancelled)
+                waiting.blocked = False
+                if not finished:
+                    _abort(
+                        context, "DEADLINE_EXCEEDED", "other peers did not finish the last round"
+                    )
         except Refused as e:
             _abort(context, e.code, str(e))
         return ack

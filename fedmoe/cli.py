@@ -137,6 +137,15 @@ def tls_from_args(args: argparse.Namespace, default_name: str):  # -> TlsFiles |
     return load_tls(args.certs, args.cert_name or default_name)
 
 
+def advertise_allow_from_args(args: argparse.Namespace) -> tuple:
+    from common.netaddr import parse_cidrs
+
+    try:
+        return tuple(parse_cidrs(args.advertise_allow))
+    except ValueError as e:
+        raise SystemExit(f"coordinator: --advertise-allow: {e}") from e
+
+
 def config_from_args(args: argparse.Namespace):  # -> pb.RunConfig
     keys = [key for _, key, _, _ in RUN_FLAGS] + ["intra_peer", "expert_wire_dtype", "aggregation"]
     values = {k: getattr(args, k) for k in keys}
@@ -158,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("coordinator", help="run the coordinator of a training run")
     c.add_argument(
         "--listen", default="127.0.0.1:50051", help="HOST:PORT to serve on (port 0: any)"
+    )
+    c.add_argument(
+        "--advertise-allow",
+        default="",
+        help="comma-separated CIDRs peers' advertised addresses must lie in (production)",
     )
     add_run_args(c)
 
@@ -209,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.state_dir,
                 tls_from_args(args, "coordinator"),
                 args.wire_iface,
+                advertise_allow_from_args(args),
             )
         if args.command == "peer":
             from peer.main import run_peer

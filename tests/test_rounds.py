@@ -139,7 +139,7 @@ def test_rejoined_participant_is_not_waited_for_in_its_unfinished_round() -> Non
     for m in (a, b):
         book.submit(m, 1, 10, upload(book))
     book.report(a, 1, record(1, "peer-0"))
-    book.join(1, "h1:2")  # b restarted after round 1 closed: it will never report round 1
+    book.join(1, "h1:2", b.secret)  # b restarted after round 1 closed: it will never report round 1
     assert "peer-1" in book.reported(1)  # sources stop waiting for its fetches
     book.tick()
     assert [r for r, _ in written] == [1] and [x["peer"] for x in written[0][1]] == ["peer-0"]
@@ -153,7 +153,7 @@ def test_sessions_identify_members_and_bad_ones_are_refused() -> None:
     with pytest.raises(Refused, match="unknown or expired session"):
         book.authenticate("forged")
     old = a.session
-    book.join(0, "h0:2")  # rejoin: the old session is void
+    book.join(0, "h0:2", a.secret)  # rejoin: the old session is void
     with pytest.raises(Refused):
         book.authenticate(old)
 

@@ -6,14 +6,25 @@ from common.proto import pb
 from coordinator.strategies.base import PeerUpdate, RoundOutcome, Strategy, Term
 from coordinator.strategies.fedavg import FedAvg, Local
 from coordinator.strategies.fedmoe_da import FedMoEDA
+from coordinator.strategies.robust import RobustCombine
 
 
 def make_strategy(cfg: pb.RunConfig) -> Strategy:
+    combine = RobustCombine(cfg.aggregation or "mean", cfg.trim_fraction, cfg.clip_norm)
     if cfg.algorithm == pb.FEDMOE_DA:
-        return FedMoEDA(cfg.neighbors, cfg.temperature, cfg.sync_every, cfg.intra_peer)
+        return FedMoEDA(cfg.neighbors, cfg.temperature, cfg.sync_every, cfg.intra_peer, combine)
     if cfg.algorithm == pb.FEDAVG:
-        return FedAvg()
+        return FedAvg(combine)
     return Local()
 
 
-__all__ = ["FedAvg", "FedMoEDA", "Local", "PeerUpdate", "RoundOutcome", "Strategy", "Term"]
+__all__ = [
+    "FedAvg",
+    "FedMoEDA",
+    "Local",
+    "RobustCombine",
+    "PeerUpdate",
+    "RoundOutcome",
+    "Strategy",
+    "Term",
+]
