@@ -169,3 +169,122 @@ def test_upload_must_match_the_models_schema() -> None:
     del partial["gate.proxies"]
     with pytest.raises(Refused, match="lacks tensors"):
         book.submit(a, 1, 10, partial)
+
+
+# ---------------------------------------------------------------- participation, identity, bounds
+
+
+def test_partial_participation_closes_when_the_sampled_members_uploaded() -> None:
+    from common.config import participants
+
+    book, _, written = make_book(peers=6, clients_per_round=2)
+    members = {k: book.join(k, f"h{k}:1") for k in range(6)}
+    sampled = participants(book.cfg, 1)
+    assert len(sampled) == 2 and sampled == participants(book.cfg, 1)  # seeded: same again
+    outsider = next(k for k in range(6) if k not in sampled)
+    with pytest.raises(Refused, match="not sampled"):
+        book.submit(members[outsider], 1, 10, upload(book))
+    book.submit(members[sampled[0]], 1, 10, upload(book))
+    assert book.closed_round == 0
+    book.submit(members[sampled[1]], 1, 10, upload(book))
+    assert book.closed_round == 1
+    assert book.participants[1] == [f"peer-{k}" for k in sampled]
+    with pytest.raises(Refused, match="did not take part"):
+        book.report(members[outsider], 1, record(1, f"peer-{outsider}"))
+    for k in sampled:
+        book.report(members[k], 1, record(1, f"peer-{k}"))
+    assert [r for r, _ in written] == [1] and len(written[0][1]) == 2
+    assert book.dropped_peers() == []  # nobody missed a round it was sampled for
+
+
+def test_rounds_sample_different_members() -> None:
+    from common.config import make_config, participants
+
+    cfg = make_config(peers=100, clients_per_round=10, seed=3)
+    draws = [tuple(participants(cfg, r)) for r in range(1, 6)]
+    assert len(set(draws)) == 5 and all(len(set(d)) == 10 for d in draws)
+    assert participants(make_config(peers=100, seed=3), 1) == list(range(100))
+
+
+def test_a_live_index_needs_the_member_secret() -> None:
+    book, clock, _ = make_book()
+    a = book.join(0, "h0:1")
+    with pytest.raises(Refused, match="live member"):
+        book.join(0, "evil:1")
+    with pytest.raises(Refused, match="live member"):
+        book.join(0, "evil:1", "guessed-" + a.secret[8:])
+    again = book.join(0, "h0:2", a.secret)
+    assert again.session != a.session and again.secret == a.secret
+    clock.now += 11  # silent past peer_timeout: a restart without its state may take it over
+    book.tick()
+    taken = book.join(0, "h0:3")
+    assert taken.secret != a.secret and taken.joins == 3
+
+
+def test_sample_counts_are_bounded_and_fixed() -> None:
+    book, _, _ = make_book()
+    a = book.join(0, "h0:1")
+    with pytest.raises(Refused, match="training samples"):
+        book.submit(a, 1, (1 << 63) - 1, upload(book))
+    book.submit(a, 1, 10, upload(book))
+    with pytest.raises(Refused, match="declared"):
+        book.submit(a, 2, 11, upload(book))
+
+
+def test_uploads_need_finite_values_within_the_norm_bound() -> None:
+    book, _, _ = make_book(max_tensor_norm=100.0)
+    a = book.join(0, "h0:1")
+    bad = upload(book)
+    bad["embedding.0.weight"] = bad["embedding.0.weight"] * 1e3
+    with pytest.raises(Refused, match="L2 norm"):
+        book.submit(a, 1, 10, bad)
+    bad["embedding.0.weight"][0, 0] = np.nan
+    with pytest.raises(Refused, match="NaN"):
+        book.submit(a, 1, 10, bad)
+
+
+def test_waits_end_at_the_callers_deadline_or_cancellation() -> None:
+    import threading
+    import time
+
+    book, _, _ = make_book()
+    a, b = book.join(0, "h0:1"), book.join(1, "h1:1")
+    book.join(2, "h2:1")
+    book.submit(a, 1, 10, upload(book))
+    t0 = time.monotonic()
+    with pytest.raises(Refused, match="did not close"):
+        book.wait_outcome(a, 1, wait_seconds=0.2)
+    assert time.monotonic() - t0 < 5
+    cancelled = threading.Event()
+    threading.Timer(0.2, lambda: (cancelled.set(), book.wake())).start()
+    with pytest.raises(Refused, match="cancelled"):
+        book.wait_outcome(a, 1, wait_seconds=60, cancelled=cancelled)
+    with pytest.raises(Refused, match="not opened"):
+        book.wait_outcome(b, 2)
+
+
+def test_event_log_is_bounded() -> None:
+    from coordinator.rounds import MAX_EVENTS
+
+    book, _, _ = make_book()
+    a = book.join(0, "h0:1")
+    for _ in range(MAX_EVENTS + 50):
+        a = book.join(0, "h0:1", a.secret)
+    assert len(book.events) == MAX_EVENTS and book.events_dropped >= 50
+
+
+def test_join_journal_restores_members_without_rewriting_the_state(tmp_path) -> None:
+    from coordinator.checkpoint import CoordinatorCheckpoint
+
+    config = make_config(peers=2, rounds=2, dataset="synthetic", embed_dim=4, num_experts=2)
+    ckpt = CoordinatorCheckpoint(tmp_path)
+    book = RoundBook(config, make_strategy(config), lambda r, recs: None, ckpt)
+    ckpt.save_state(book)
+    state_before = (tmp_path / "state.json").stat().st_mtime_ns
+    a = book.join(0, "h0:1")
+    b = book.join(1, "h1:1")
+    assert (tmp_path / "state.json").stat().st_mtime_ns == state_before  # appended, not rewritten
+    restored = RoundBook(config, make_strategy(config), lambda r, recs: None, ckpt)
+    ckpt.restore(restored)
+    assert restored.authenticate(b.session).peer_id == "peer-1"
+    assert restored.join(0, "h0:2", a.secret).joins == 2  # the secret survives a restart
