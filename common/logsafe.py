@@ -11,3 +11,12 @@ def clip(value: object, limit: int = MAX_LOGGED_CHARS) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}...({len(text)} chars)"
+
+
+def clip_text(value: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """A caller-controlled name as plain text (no quotes), unprintable characters escaped and
+    cut to `limit` characters: for ids that are usually short and well-formed, like "peer-3"."""
+    text = value if value.isprintable() else value.encode("unicode_escape").decode("ascii")
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(value)} chars)"

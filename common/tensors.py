@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.logsafe import clip
 from common.proto import pb
 
 
@@ -260,6 +261,43 @@ class TensorAssembler:
             if missing:
                 raise WireError(f"stream ended without tensors: {', '.join(missing[:5])}")
         return dict(self._done)
+
+
+def check_value(tensor: WireTensor, max_norm: float) -> None:
+    """Refuse a tensor with NaN or Inf values, or with an L2 norm above `max_norm`.
+
+    Shape and dtype checks say nothing about values: a source that sends NaN (or huge) experts
+    would poison every weighted sum it is part of. One pass for the max |x| (NaN and Inf show up
+    there), then the norm of x / max|x|, so that no square overflows whatever the scale.
+    """
+    array = tensor.to_numpy()
+    if array.size == 0:
+        return
+    if array.dtype not in (np.float32, np.float64):
+        array = array.astype(np.float32)  # float16 and integers: no overflow or underflow below
+    peak = float(np.max(np.abs(array)))
+    if not math.isfinite(peak):
+        what = "NaN" if bool(np.isnan(array).any()) else "Inf"
+        raise WireError(f"tensor {clip(tensor.name)}: contains {what} values")
+    if peak > max_norm:  # the norm is at least the largest |x|
+        raise WireError(
+            f"tensor {clip(tensor.name)}: a value of magnitude {peak:.3g} exceeds the norm "
+            f"limit {max_norm:.3g}"
+        )
+    if peak == 0.0:
+        return
+    flat = (array / peak).ravel()
+    norm = peak * math.sqrt(float(np.dot(flat, flat)))
+    if not norm <= max_norm:
+        raise WireError(
+            f"tensor {clip(tensor.name)}: L2 norm {norm:.3g} exceeds the limit {max_norm:.3g}"
+        )
+
+
+def check_values(tensors: Mapping[str, WireTensor], max_norm: float) -> None:
+    """`check_value` for every tensor: the first bad one raises WireError naming it."""
+    for tensor in tensors.values():
+        check_value(tensor, max_norm)
 
 
 def assemble(

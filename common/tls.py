@@ -10,10 +10,18 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from common.logsafe import clip
+
+# A node name becomes a file name (NAME.crt) and a certificate's common name: nothing that could
+# leave the directory ("../x", "/etc/x") or confuse a shell or a log.
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -23,7 +31,35 @@ class TlsFiles:
     key: bytes
 
 
+def check_node_name(name: str) -> str:
+    """A node name that is safe as a file name in the certificate directory, or ValueError."""
+    if not _NODE_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"node name {clip(name)} is not allowed: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+def peer_identity(auth_context: Mapping[str, Sequence[bytes]]) -> str | None:
+    """The common name of the client's certificate, from `ServicerContext.auth_context()`.
+
+    With mutual TLS, gRPC puts the verified client certificate's subject CN under
+    "x509_common_name" (a list of one bytes value). None on an insecure call, or when the
+    certificate has no single, valid node name as its CN: the caller then knows nobody.
+    """
+    values = auth_context.get("x509_common_name") or []
+    if len(values) != 1:
+        return None
+    try:
+        name = bytes(values[0]).decode("utf-8")
+        return check_node_name(name)
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
 def load_tls(certs_dir: str | Path, name: str) -> TlsFiles:
+    check_node_name(name)
     d = Path(certs_dir)
     paths = [d / "ca.crt", d / f"{name}.crt", d / f"{name}.key"]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -58,6 +94,8 @@ def make_certs(out: Path, nodes: list[str], hosts: list[str], days: int = 30) ->
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    for node in nodes:  # every name checked before anything is written
+        check_node_name(node)
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     written: list[Path] = []

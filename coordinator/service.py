@@ -16,7 +16,7 @@ import grpc
 from common.accounting import ByteCounter
 from common.auth import SESSION_METADATA, TOKEN_METADATA
 from common.config import ALGORITHM_NAMES, upload_prefixes
-from common.logsafe import clip
+from common.logsafe import clip, clip_text
 from common.proto import pb, rpc
 from common.tensors import TensorAssembler, TensorSpec, WireError, chunk_tensors, numpy_to_wire
 from common.tls import peer_identity
@@ -109,7 +109,9 @@ class CoordinatorService(rpc.CoordinatorServicer):
             _abort(context, e.code, str(e))
         if peer_id and peer_id != member.peer_id:
             _abort(
-                context, "PERMISSION_DENIED", f"session of {member.peer_id} used as {clip(peer_id)}"
+                context,
+                "PERMISSION_DENIED",
+                f"session of {member.peer_id} used as {clip_text(peer_id)}",
             )
         return member
 
@@ -208,7 +210,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             _abort(
                 context,
                 "PERMISSION_DENIED",
-                f"session of {member.peer_id} used as {clip(header.peer_id)}",
+                f"session of {member.peer_id} used as {clip_text(header.peer_id)}",
             )
         sizes = first.ByteSize()
         tensors: dict = {}

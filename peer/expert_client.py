@@ -10,7 +10,7 @@ import grpc
 from common.accounting import ByteCounter
 from common.grpc_options import CHANNEL_OPTIONS
 from common.proto import pb, rpc
-from common.tensors import TensorAssembler, TensorSpec, WireLimits, WireTensor
+from common.tensors import TensorAssembler, TensorSpec, WireLimits, WireTensor, check_value
 from common.tls import TlsFiles, channel
 
 
@@ -45,17 +45,35 @@ class ExpertClient:
         experts: list[int],
         expected: Mapping[str, TensorSpec],
         ticket: str = "",
+        source_id: str = "",
+        max_norm: float | None = None,
     ) -> dict[str, WireTensor]:
-        """Stream the experts in; every tensor is validated against `expected` before use."""
+        """Stream the experts in; every tensor is validated against `expected` before use.
+
+        `source_id` names the peer to fetch from when one endpoint hosts several. With
+        `max_norm`, each tensor must also be finite with an L2 norm at most `max_norm`: a source
+        that sends poisoned values fails the fetch (WireError) instead of being merged.
+        """
         request = pb.ExpertRequest(
-            requester_id=requester_id, round=round_, experts=experts, ticket=ticket
+            requester_id=requester_id,
+            round=round_,
+            experts=experts,
+            ticket=ticket,
+            source_id=source_id,
         )
         self.counter.message(round_, "p2p", "sent", request)
         assembler = TensorAssembler(self.limits, expected)
-        for chunk in self._stub(address).FetchExperts(request, timeout=self.timeout):
-            self.counter.message(round_, "p2p", "received", chunk)
-            assembler.add(chunk)
-        return assembler.finish()
+        call = self._stub(address).FetchExperts(request, timeout=self.timeout)
+        try:
+            for chunk in call:
+                self.counter.message(round_, "p2p", "received", chunk)
+                tensor = assembler.add(chunk)
+                if tensor is not None and max_norm is not None:
+                    check_value(tensor, max_norm)  # as each completes: stop a bad stream early
+            return assembler.finish()
+        except BaseException:
+            call.cancel()  # no-op when the stream already ended; frees the server otherwise
+            raise
 
     def close(self) -> None:
         with self._lock:

@@ -13,6 +13,12 @@ from collections.abc import Callable
 
 from common.tensors import WireTensor, chunk_tensors
 
+# Requester ids are "peer-<k>"; tickets are short tokens. Anything longer is refused unread.
+MAX_REQUESTER_CHARS = 64
+MAX_TICKET_CHARS = 256
+DENIED = "no valid ticket for this request"
+_NO_TICKET = "\x00" * 32  # compared against when the requester has no order: never matches
+
 
 class ServeRefused(Exception):
     def __init__(self, code: str, message: str) -> None:
@@ -22,12 +28,18 @@ class ServeRefused(Exception):
 
 class ExpertStore:
     def __init__(
-        self, wait_timeout: float = 600.0, has_experts: Callable[[int], bool] = lambda r: True
+        self,
+        wait_timeout: float = 600.0,
+        has_experts: Callable[[int], bool] = lambda r: True,
+        max_experts: int = 1024,
     ) -> None:
         self.wait_timeout = wait_timeout
         self.has_experts = has_experts  # which rounds aggregate experts (set from the config)
+        self.max_experts = max_experts  # M: no request may name more experts (set from config)
         self._finished = 0  # rounds up to here are over: their snapshots are gone
-        self._current = 0  # the round this peer is working on
+        # The round this peer is working on. Round 1 counts as begun from the start: the server is
+        # up before the peer begins it, and a request then is treated like one just after.
+        self._current = 1
         self._cv = threading.Condition()
         # Snapshots are kept as serialized TensorChunk messages: encoded (chunked, checksummed,
         # serialized) once at publish, however many peers then fetch them.
@@ -37,7 +49,8 @@ class ExpertStore:
         self._reported: dict[int, set[str]] = {}  # requesters known (heartbeat) to be done
 
     def begin(self, round_: int) -> None:
-        """This peer starts working on `round_`: earlier rounds it has no snapshot of are lost."""
+        """This peer starts working on `round_`: only this round (and rounds whose snapshot it
+        still holds) is served; earlier rounds it has no snapshot of are lost."""
         with self._cv:
             self._current = max(self._current, round_)
             self._cv.notify_all()
@@ -49,6 +62,8 @@ class ExpertStore:
         }
         with self._cv:
             self._snapshots[round_] = encoded
+            # Publishing a round's snapshot means working on it (begin() may not have been told).
+            self._current = max(self._current, round_)
             self._cv.notify_all()
 
     def set_orders(self, round_: int, orders: dict[str, tuple[list[int], str]]) -> None:
@@ -58,43 +73,71 @@ class ExpertStore:
             self._served.setdefault(round_, set())
             self._cv.notify_all()
 
-    def take(self, round_: int, requester: str, experts: list[int], ticket: str) -> list[bytes]:
-        """The serialized chunks to stream for one request; waits (bounded) for this peer's plan."""
+    def take(
+        self,
+        round_: int,
+        requester: str,
+        experts: list[int],
+        ticket: str,
+        wait_seconds: float | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> list[bytes]:
+        """The serialized chunks to stream for one request.
+
+        Only the round this peer works on (or one whose snapshot it still holds) is served; any
+        other round is refused at once, so that requests for rounds far ahead cannot park server
+        threads. For this round it waits for its plan, up to min(`wait_seconds`, wait_timeout)
+        (the service passes the call's remaining deadline), and stops as soon as `cancelled` is
+        set (the service sets it, then calls wake(), when the client goes away).
+        Unknown requester, wrong ticket and wrong experts get one answer, DENIED, that says
+        nothing about the plan: an unauthenticated prober learns nothing of who fetches what.
+        """
+        # Bounds first: nothing below looks at an oversized id or list.
+        if len(requester) > MAX_REQUESTER_CHARS or len(ticket) > MAX_TICKET_CHARS:
+            raise ServeRefused("PERMISSION_DENIED", DENIED)
+        if len(experts) > self.max_experts:
+            raise ServeRefused("INVALID_ARGUMENT", f"more than {self.max_experts} experts asked")
+        wait = self.wait_timeout if wait_seconds is None else min(wait_seconds, self.wait_timeout)
         with self._cv:
 
-            def gone() -> bool:  # a round this peer will never serve (over, or missed: restart)
-                past = round_ < self._current and round_ not in self._snapshots
-                return round_ <= self._finished or past
+            def gone() -> bool:  # this peer will never serve this round (over, or moved on)
+                if round_ <= self._finished:
+                    return True
+                return round_ != self._current and round_ not in self._snapshots
+
+            def stop() -> bool:
+                return cancelled is not None and cancelled.is_set()
 
             if not self.has_experts(round_) or gone():
                 raise ServeRefused("NOT_FOUND", f"no experts of round {round_} are served here")
             # The requester may get its plan before this peer has read its own: wait for it
-            # (or for this peer to leave the round, when it was too late to take part).
-            self._cv.wait_for(lambda: round_ in self._orders or gone(), self.wait_timeout)
+            # (or for this peer to leave the round, or for the caller to go away).
+            self._cv.wait_for(lambda: round_ in self._orders or gone() or stop(), max(0.0, wait))
+            if stop():
+                raise ServeRefused("CANCELLED", "the call was cancelled")
             if round_ not in self._orders:
-                raise ServeRefused("NOT_FOUND", f"this peer has no plan for round {round_}")
+                raise ServeRefused("NOT_FOUND", f"no plan for round {round_} here yet")
             entry = self._orders[round_].get(requester)
-            if entry is None:
-                raise ServeRefused(
-                    "PERMISSION_DENIED",
-                    f"{requester!r} is not planned to fetch from me in round {round_}",
-                )
-            planned, expected_ticket = entry
-            if not hmac.compare_digest(ticket, expected_ticket):
-                raise ServeRefused("PERMISSION_DENIED", f"invalid ticket for round {round_}")
+            # Compared even for an unknown requester, so that timing does not tell them apart.
+            planned, expected_ticket = entry if entry is not None else (set(), _NO_TICKET)
+            if not (
+                hmac.compare_digest(ticket.encode(), expected_ticket.encode())
+                and entry is not None
+                and set(experts) == planned
+            ):
+                raise ServeRefused("PERMISSION_DENIED", DENIED)
+            # A holder of the ticket may learn that it was used (a retry after a broken stream).
             if requester in self._served[round_]:
-                raise ServeRefused(
-                    "ALREADY_EXISTS", f"{requester!r} already fetched round {round_}"
-                )
-            if set(experts) != planned:
-                raise ServeRefused(
-                    "INVALID_ARGUMENT",
-                    f"requested experts {sorted(set(experts))}, the plan orders {sorted(planned)}",
-                )
+                raise ServeRefused("ALREADY_EXISTS", "this ticket was already used")
             snapshot = self._snapshots.get(round_)
             if snapshot is None:
                 raise ServeRefused("NOT_FOUND", f"no expert snapshot for round {round_}")
             return [chunk for m in sorted(planned) for chunk in snapshot[m]]
+
+    def wake(self) -> None:
+        """Re-check every waiting take() (the service calls it after setting a `cancelled`)."""
+        with self._cv:
+            self._cv.notify_all()
 
     def mark_served(self, round_: int, requester: str) -> None:
         with self._cv:
