@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,22 +361,67 @@ def local_test_indices(
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+# --------------------------------------------------------------------------- per-process cache
+#
+# One process may host many peers (`fedmoe peer --index 0-24`): they read the dataset and draw
+# the split once, not once each. Each peer still copies out only its own rows (`subset`); the
+# host clears the cache once its peers have their data, so the full training set does not stay.
+
+_CacheKey = tuple[str, str | None, int]
+_cache_lock = threading.Lock()
+_datasets: dict[_CacheKey, tuple[ArrayDataset, ArrayDataset]] = {}
+_splits: dict[tuple[_CacheKey, int, float], list[np.ndarray]] = {}
+
+
+def _load_split(
+    name: str, data_dir: str | None, seed: int, num_peers: int, alpha: float, cache: bool
+) -> tuple[ArrayDataset, ArrayDataset, list[np.ndarray]]:
+    """(train, test, split); with `cache`, loaded and drawn at most once per process."""
+    if not cache:
+        train_all, test = load_dataset(name, data_dir, seed)
+        return train_all, test, dirichlet_split(train_all.y, num_peers, alpha, seed)
+    key: _CacheKey = (name, data_dir, int(seed))
+    # One lock for loading: peers of one process asking at once wait for the first load instead
+    # of all reading the files in parallel.
+    with _cache_lock:
+        if key not in _datasets:
+            _datasets[key] = load_dataset(name, data_dir, seed)
+        train_all, test = _datasets[key]
+        split_key = (key, int(num_peers), float(alpha))
+        if split_key not in _splits:
+            _splits[split_key] = dirichlet_split(train_all.y, num_peers, alpha, seed)
+        return train_all, test, _splits[split_key]
+
+
+def clear_dataset_cache() -> None:
+    """Drop the cached datasets and splits (the hosted peers keep their own rows)."""
+    with _cache_lock:
+        _datasets.clear()
+        _splits.clear()
+
+
 def load_peer_data(
-    name: str, data_dir: str | None, num_peers: int, index: int, alpha: float, seed: int
+    name: str,
+    data_dir: str | None,
+    num_peers: int,
+    index: int,
+    alpha: float,
+    seed: int,
+    cache: bool = False,
 ) -> PeerData:
     """Data for peer `index` of `num_peers`.
 
     Every peer computes the same Dirichlet split from `seed` and keeps only its own rows; the
-    raw training data of the other peers is dropped right away and never leaves this function.
+    raw training data of the other peers is dropped right away and never leaves this function
+    (with `cache`, for a process hosting several peers: once `clear_dataset_cache()` is called).
     """
     if not isinstance(num_peers, (int, np.integer)) or num_peers < 1:
         raise DataError(f"num_peers must be an integer >= 1, got {num_peers!r}")
     if not isinstance(index, (int, np.integer)) or not 0 <= index < num_peers:
         raise DataError(f"peer index must be in 0..{num_peers - 1}, got {index!r}")
-    train_all, test = load_dataset(name, data_dir, seed)
-    mine = dirichlet_split(train_all.y, num_peers, alpha, seed)[index]
-    train = subset(train_all, mine)
-    del train_all  # drop the other peers' rows now
+    train_all, test, split = _load_split(name, data_dir, seed, num_peers, alpha, cache)
+    train = subset(train_all, split[index])
+    del train_all  # drop the other peers' rows now (the cache, if asked for, until cleared)
 
     proportions = label_proportions(train.y, train.num_classes)
     # Distinct per peer, yet reproducible from (seed, index).

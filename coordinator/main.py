@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from common.wire_counters import detect as detect_interfaces
 from coordinator.checkpoint import CoordinatorCheckpoint
 from coordinator.results import RunResults
 from coordinator.rounds import RoundBook
-from coordinator.service import CoordinatorService
+from coordinator.service import CoordinatorService, heartbeat_ms
 from coordinator.strategies import make_strategy
 
 log = logging.getLogger("fedmoe.coordinator")
@@ -164,6 +165,14 @@ def run_coordinator(
         book.tick()
         if kill_round is not None and book.reported_round >= kill_round:
             faults.kill_now(f"coordinator after round {book.reported_round} (checkpointed)")
+    if book.finished:
+        # Peers that sat out the last round learn that the run is over from a heartbeat reply:
+        # keep answering until every live one has heard it (bounded by three heartbeats).
+        final = set(book.reported(cfg.rounds))
+        waiting = lambda: set(book.alive()) - final - service.told_finished  # noqa: E731
+        linger_until = time.monotonic() + 3 * heartbeat_ms(cfg) / 1000
+        while waiting() and time.monotonic() < linger_until and not stop.wait(TICK_SECONDS / 5):
+            pass
     health_servicer.enter_graceful_shutdown()
     # Let held final acks reach their peers before the server goes away.
     server.stop(grace=10).wait()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from common.atomic import atomic_write_json as write_json
 from common.config import algorithm_name, config_to_dict
 from common.proto import pb
 
@@ -27,14 +28,7 @@ def strict(data: Any) -> Any:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write to a temporary file, fsync, then rename: readers never see half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(strict(data), f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(path, strict(data))
 
 
 def _mb(n: float) -> str:

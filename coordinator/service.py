@@ -16,11 +16,14 @@ import grpc
 from common.accounting import ByteCounter
 from common.auth import SESSION_METADATA, TOKEN_METADATA
 from common.config import ALGORITHM_NAMES, upload_prefixes
+from common.grpc_status import status_of
 from common.logsafe import clip, clip_text
 from common.proto import pb, rpc
+from common.refusal import Refused
 from common.tensors import TensorAssembler, TensorSpec, WireError, chunk_tensors, numpy_to_wire
 from common.tls import peer_identity
-from coordinator.rounds import Member, Refused, RoundBook
+from coordinator.membership import Member
+from coordinator.rounds import RoundBook
 
 log = logging.getLogger("fedmoe.coordinator")
 
@@ -29,12 +32,29 @@ log = logging.getLogger("fedmoe.coordinator")
 # while a retry overlaps a call the network lost); more is a member trying to hold threads.
 CALLS_PER_MEMBER = {"Heartbeat": 4}
 DEFAULT_CALLS_PER_MEMBER = 2
+# Heartbeats the coordinator asks for, per second, whatever N: each costs ~0.5 ms of its one
+# Python core, so at 1,000 peers beating every peer_timeout / 5 (500/s) they took ~40% of it
+# (bench/scale.py). Never rarer than twice per peer timeout, so liveness stays detectable.
+MAX_HEARTBEATS_PER_SECOND = 200
 
 
-def _abort(context: grpc.ServicerContext, code: str, message: str) -> NoReturn:
-    log.warning("refused %s: %s: %s", clip(context.peer()), code, clip(message, 200))
-    context.abort(getattr(grpc.StatusCode, code), message)
+def heartbeat_ms(cfg: pb.RunConfig) -> int:
+    """How often peers heartbeat: five times per peer timeout (at most every 200 ms), spread
+    out at large N to about MAX_HEARTBEATS_PER_SECOND in total, never rarer than twice per
+    peer timeout."""
+    base = max(200, int(cfg.peer_timeout * 1000 / 5))
+    spread = int(1000 * cfg.peers / MAX_HEARTBEATS_PER_SECOND)
+    return max(200, min(max(base, spread), int(cfg.peer_timeout * 1000 / 2)))
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    log.warning("refused %s: %s: %s", clip(context.peer()), code.name, clip(message, 200))
+    context.abort(code, message)
     raise AssertionError("unreachable")  # context.abort raises
+
+
+def _refuse(context: grpc.ServicerContext, refusal: Refused) -> NoReturn:
+    _abort(context, status_of(refusal.reason), str(refusal))
 
 
 def _metadata(context: grpc.ServicerContext, key: str) -> str:
@@ -95,7 +115,10 @@ class CoordinatorService(rpc.CoordinatorServicer):
         self.counter = counter  # the coordinator's own view, per round, for cross-checks
         self.token = token
         self.tls = tls  # under mutual TLS a certificate name is bound to the index it joins as
+        self.told_finished: set[str] = set()  # members a heartbeat told that the run is over
         self._calls: dict[tuple[str, str], int] = {}
+        # The aggregate's chunks, encoded once: every peer of a round fetches the same bytes.
+        self._shared_parts: tuple[dict[str, Any], list[pb.RoundResultPart]] | None = None
         self._calls_lock = threading.Lock()
 
     def _member(self, context: grpc.ServicerContext, peer_id: str) -> Member:
@@ -106,11 +129,11 @@ class CoordinatorService(rpc.CoordinatorServicer):
         try:
             member = self.book.authenticate(_metadata(context, SESSION_METADATA))
         except Refused as e:
-            _abort(context, e.code, str(e))
+            _refuse(context, e)
         if peer_id and peer_id != member.peer_id:
             _abort(
                 context,
-                "PERMISSION_DENIED",
+                grpc.StatusCode.PERMISSION_DENIED,
                 f"session of {member.peer_id} used as {clip_text(peer_id)}",
             )
         return member
@@ -129,7 +152,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         if busy:
             _abort(
                 context,
-                "RESOURCE_EXHAUSTED",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{member.peer_id} already has {limit} {method} call(s) open",
             )
         try:
@@ -144,19 +167,19 @@ class CoordinatorService(rpc.CoordinatorServicer):
         if not hmac.compare_digest(
             _metadata(context, TOKEN_METADATA).encode(), self.token.encode()
         ):
-            _abort(context, "UNAUTHENTICATED", "invalid join token for this run")
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "invalid join token for this run")
         if self.tls:
             name = peer_identity(context.auth_context() or {})
             if name != f"peer-{request.index}":
                 _abort(
                     context,
-                    "PERMISSION_DENIED",
+                    grpc.StatusCode.PERMISSION_DENIED,
                     f"certificate {clip(name)} may not join as peer-{request.index}",
                 )
         try:
             member = self.book.join(request.index, request.advertise, request.member_secret)
         except Refused as e:
-            _abort(context, e.code, str(e))
+            _refuse(context, e)
         log.info("%s joined from %s (%s)", member.peer_id, member.address, clip(context.peer()))
         start = self.book.open_round if self.book.uploads else self.book.reported_round + 1
         reply = pb.JoinReply(
@@ -164,7 +187,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             config=self.cfg,
             start_round=start,
             session=member.session,
-            heartbeat_ms=max(200, int(self.cfg.peer_timeout * 1000 / 5)),
+            heartbeat_ms=heartbeat_ms(self.cfg),
             member_secret=member.secret,
         )
         self.counter.message(start, "coordinator", "received", request)
@@ -176,8 +199,14 @@ class CoordinatorService(rpc.CoordinatorServicer):
     ) -> pb.HeartbeatReply:
         member = self._member(context, request.peer_id)
         if request.round > self.cfg.rounds + 1:
-            _abort(context, "INVALID_ARGUMENT", f"round {request.round} is past the run's end")
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"round {request.round} is past the run's end",
+            )
         self.book.heartbeat(member)
+        if self.book.finished:
+            self.told_finished.add(member.peer_id)
         reply = pb.HeartbeatReply(
             open_round=self.book.open_round,
             alive=self.book.alive(),
@@ -204,12 +233,16 @@ class CoordinatorService(rpc.CoordinatorServicer):
         parts = iter(request_iterator)
         first = next(parts, None)
         if first is None or not first.HasField("header"):
-            _abort(context, "INVALID_ARGUMENT", "an update stream must start with its header")
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "an update stream must start with its header",
+            )
         header = first.header
         if header.peer_id and header.peer_id != member.peer_id:
             _abort(
                 context,
-                "PERMISSION_DENIED",
+                grpc.StatusCode.PERMISSION_DENIED,
                 f"session of {member.peer_id} used as {clip_text(header.peer_id)}",
             )
         sizes = first.ByteSize()
@@ -232,9 +265,9 @@ class CoordinatorService(rpc.CoordinatorServicer):
             tensors = {n: t.to_numpy() for n, t in assembler.finish().items()}
             self.book.submit(member, header.round, header.num_samples, tensors)
         except WireError as e:
-            _abort(context, "INVALID_ARGUMENT", f"update from {member.peer_id}: {e}")
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update from {member.peer_id}: {e}")
         except Refused as e:
-            _abort(context, e.code, str(e))
+            _refuse(context, e)
         finally:  # what arrived was carried by the network, accepted or not
             self.counter.add(header.round, "coordinator", "received", sizes)
         ack = pb.UpdateAck(round=header.round, tensors=len(tensors))
@@ -252,7 +285,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
                     member, request.round, waiting.seconds, waiting.cancelled
                 )
             except Refused as e:
-                _abort(context, e.code, str(e))
+                _refuse(context, e)
             finally:
                 waiting.blocked = False
             yield from self._round_result(member, request, closed, version)
@@ -303,7 +336,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
                     request.after_round, waiting.seconds, waiting.cancelled
                 )
             except Refused as e:
-                _abort(context, e.code, str(e))
+                _refuse(context, e)
             finally:
                 waiting.blocked = False
             yield from self._latest(request, round_, version, shared)
@@ -322,9 +355,12 @@ class CoordinatorService(rpc.CoordinatorServicer):
         first = pb.RoundResultPart(plan=plan)
         self.counter.message(count_round, "coordinator", "sent", first)
         yield first
-        wire = (numpy_to_wire(n, a) for n, a in sorted(shared.items()))
-        for chunk in chunk_tensors(wire, self.cfg.chunk_bytes):
-            part = pb.RoundResultPart(chunk=chunk)
+        cached = self._shared_parts
+        if cached is None or cached[0] is not shared:  # a new round's aggregate
+            wire = (numpy_to_wire(n, a) for n, a in sorted(shared.items()))
+            parts = [pb.RoundResultPart(chunk=c) for c in chunk_tensors(wire, self.cfg.chunk_bytes)]
+            self._shared_parts = cached = (shared, parts)  # a race only encodes it twice
+        for part in cached[1]:
             self.counter.message(count_round, "coordinator", "sent", part)
             yield part
 
@@ -334,7 +370,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         member = self._member(context, request.peer_id)
         problem = _check_report(request, self.cfg)
         if problem:
-            _abort(context, "INVALID_ARGUMENT", f"metrics report refused: {problem}")
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"metrics report refused: {problem}")
         with self._slot(context, member, "ReportMetrics"):
             return self._report(member, request, context)
 
@@ -382,8 +418,10 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 waiting.blocked = False
                 if not finished:
                     _abort(
-                        context, "DEADLINE_EXCEEDED", "other peers did not finish the last round"
+                        context,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        "other peers did not finish the last round",
                     )
         except Refused as e:
-            _abort(context, e.code, str(e))
+            _refuse(context, e)
         return ack

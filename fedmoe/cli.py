@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -146,6 +147,35 @@ def advertise_allow_from_args(args: argparse.Namespace) -> tuple:
         raise SystemExit(f"coordinator: --advertise-allow: {e}") from e
 
 
+# One process may host many peers; 1024 is also the most peers a run may have.
+MAX_INDEX = 1023
+_INDEX_ITEM = re.compile(r"(\d{1,6})(?:\s*-\s*(\d{1,6}))?", re.ASCII)
+
+
+def parse_indices(spec: str) -> list[int]:
+    """`--index` of `fedmoe peer`: "3", "0-24", "0,3,7", "0-3,8" -> sorted distinct indices."""
+    indices: set[int] = set()
+    for raw in spec.split(","):
+        item = raw.strip()
+        match = _INDEX_ITEM.fullmatch(item)
+        if match is None:
+            raise argparse.ArgumentTypeError(
+                f"bad peer index {item!r} in {spec!r}: use K, A-B, or a comma-separated list "
+                "of them (e.g. 0-3,8)"
+            )
+        start = int(match.group(1))
+        end = int(match.group(2)) if match.group(2) is not None else start
+        if end < start:
+            raise argparse.ArgumentTypeError(f"bad peer index range {item!r}: {end} < {start}")
+        if end > MAX_INDEX:
+            raise argparse.ArgumentTypeError(f"peer index {end} is too large (at most {MAX_INDEX})")
+        twice = indices.intersection(range(start, end + 1))
+        if twice:
+            raise argparse.ArgumentTypeError(f"peer index {min(twice)} is given twice in {spec!r}")
+        indices.update(range(start, end + 1))
+    return sorted(indices)
+
+
 def config_from_args(args: argparse.Namespace):  # -> pb.RunConfig
     keys = [key for _, key, _, _ in RUN_FLAGS] + ["intra_peer", "expert_wire_dtype", "aggregation"]
     values = {k: getattr(args, k) for k in keys}
@@ -175,11 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_run_args(c)
 
-    p = sub.add_parser("peer", help="run one peer; exits 0 when the run is over")
+    p = sub.add_parser(
+        "peer", help="run one peer (or several in one process); exits 0 when the run is over"
+    )
     p.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT for the expert service")
     p.add_argument("--advertise", default=None, help="HOST:PORT other peers use to reach this one")
-    p.add_argument("--index", type=int, required=True, help="peer index K in [0, N)")
+    p.add_argument(
+        "--index",
+        type=parse_indices,
+        required=True,
+        help="peer index K in [0, N); several peers in this process: A-B, K,K,.. or both "
+        "(e.g. 0-24 or 0-3,8)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--data-dir", default=None, help="dataset root on this machine")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait on any call")
@@ -188,7 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     loc = sub.add_parser("local", help="coordinator + N peers as separate processes on loopback")
     add_run_args(loc)
-    loc.add_argument("--gpus", default=None, help="comma-separated GPU ids, assigned round-robin")
+    loc.add_argument(
+        "--procs",
+        type=int,
+        default=None,
+        help="peer processes to spread the N peers over (contiguous index ranges; "
+        "default: one per peer, or one per GPU with --gpus)",
+    )
+    loc.add_argument(
+        "--gpus",
+        default=None,
+        help="comma-separated GPU ids: one peer process per GPU (with --procs: assigned to "
+        "the processes round-robin)",
+    )
 
     k = sub.add_parser("certs", help="make a development CA and per-node certificates")
     k.add_argument("dir", type=Path)
@@ -226,9 +276,17 @@ def main(argv: list[str] | None = None) -> int:
                 advertise_allow_from_args(args),
             )
         if args.command == "peer":
-            from peer.main import run_peer
+            from peer.main import run_peers
 
-            return run_peer(
+            if args.cert_name and len(args.index) > 1:
+                raise SystemExit(
+                    "peer: --cert-name names one certificate; peers hosted together each use "
+                    "their own (peer-K) from --certs"
+                )
+            # Under mutual TLS the coordinator binds a certificate name to the index it joins
+            # as, so every hosted peer presents its own.
+            tls = {k: tls_from_args(args, f"peer-{k}") for k in args.index} if args.tls else None
+            return run_peers(
                 args.coordinator,
                 args.listen,
                 args.advertise,
@@ -239,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.threads,
                 args.token_file,
                 args.state_dir,
-                tls_from_args(args, f"peer-{args.index}"),
+                tls,
                 args.wire_iface,
             )
         if args.command == "local":
@@ -252,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
 
             nodes = ["coordinator", *(f"peer-{k}" for k in range(args.peers)), *args.node]
             hosts = ["localhost", "127.0.0.1", *args.host]
-            for path in make_certs(args.dir, nodes, hosts):
+            try:
+                paths = make_certs(args.dir, nodes, hosts)
+            except ValueError as e:  # e.g. a node name that would escape DIR
+                print(f"fedmoe certs: {e}", file=sys.stderr)
+                return 2
+            for path in paths:
                 print(path)
             return 0
         from fedmoe.report import print_report

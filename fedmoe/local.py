@@ -1,20 +1,35 @@
-"""`fedmoe local`: the coordinator and N peers as separate OS processes on loopback."""
+"""`fedmoe local`: the coordinator and N peers as separate OS processes on loopback.
+
+The peers are spread over peer-host processes (`fedmoe peer --index A-B`): one per peer by
+default, one per GPU with `--gpus`, or `--procs P` processes with contiguous index ranges.
+Only the coordinator's exit ends the run: a peer process that dies is reported and recorded,
+and the run goes on as long as the coordinator keeps its quorum (it fails the run otherwise).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common.auth import new_token_file
 from fedmoe.report import print_report
 
 LISTENING = "FEDMOE_LISTENING "
+# How long the coordinator may go on once no peer process is left: long enough to write its
+# results when the peers ended normally, short when every one of them failed.
+GRACE_AFTER_PEERS_DONE = 60.0
+GRACE_AFTER_PEERS_FAILED = 5.0
+# How long surviving peer processes get to exit on their own after the coordinator's exit.
+GRACE_FOR_PEERS = 30.0
 
 
 def _strip(argv: list[str], flag: str) -> list[str]:
@@ -37,15 +52,116 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def split_ranges(peers: int, procs: int) -> list[list[int]]:
+    """N peer indices cut into `procs` contiguous ranges whose sizes differ by at most one."""
+    base, extra = divmod(peers, procs)
+    out, start = [], 0
+    for k in range(procs):
+        size = base + (1 if k < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+@dataclass
+class PeerProcess:
+    indices: list[int]
+    device: str
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    noted: bool = field(default=False)  # its exit was seen (and reported if abnormal)
+
+    @property
+    def name(self) -> str:
+        """ "peer 3" or "peers 0-24": how the console and summary.json name this process."""
+        if len(self.indices) == 1:
+            return f"peer {self.indices[0]}"
+        return f"peers {self.indices[0]}-{self.indices[-1]}"
+
+    @property
+    def index_spec(self) -> str:
+        if len(self.indices) == 1:
+            return str(self.indices[0])
+        return f"{self.indices[0]}-{self.indices[-1]}"
+
+    def record(self) -> dict[str, Any]:
+        assert self.proc is not None
+        return {
+            "process": self.name,
+            "indices": self.indices,
+            "exit": self.proc.returncode,
+            "pid": self.proc.pid,
+            "log": self.log.name,
+        }
+
+
+def plan_processes(args: argparse.Namespace, out: Path) -> list[PeerProcess]:
+    """Which peers each process hosts, on which device, logging where (ValueError if bad)."""
+    gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else []
+    if any(not g.isdigit() for g in gpus):
+        raise ValueError("--gpus takes comma-separated GPU numbers, e.g. 0,1")
+    if args.procs is not None:
+        if not 1 <= args.procs <= args.peers:
+            raise ValueError("--procs must be between 1 and --peers")
+        procs = args.procs
+    elif gpus:
+        procs = min(len(gpus), args.peers)  # one peer process per GPU
+    else:
+        procs = args.peers  # one process per peer
+    plan = []
+    for k, indices in enumerate(split_ranges(args.peers, procs)):
+        device = f"cuda:{gpus[k % len(gpus)]}" if gpus else "cpu"
+        one = len(indices) == 1
+        log = out / (f"peer-{indices[0]}.log" if one else f"peers-{indices[0]}-{indices[-1]}.log")
+        plan.append(PeerProcess(indices, device, log))
+    return plan
+
+
+def _add_launcher_record(out: Path, record: dict[str, Any]) -> None:
+    """Add the launcher's view to summary.json: rewritten whole, atomically (temp + rename)."""
+    path = out / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # the coordinator wrote no summary (it died): nothing to add to
+    summary["launcher"] = record
+    tmp = path.with_name(f"{path.name}.launcher.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _stop(procs: list[subprocess.Popen[Any]], grace: float) -> None:
+    """SIGTERM, then SIGKILL whatever is still running after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def run_local(args: argparse.Namespace, argv: list[str]) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else []
+    try:
+        hosts = plan_processes(args, out)
+    except ValueError as e:
+        print(f"fedmoe: {e}", file=sys.stderr)
+        return 2
     py = [sys.executable, "-m", "fedmoe.cli"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    threads = max(1, (os.cpu_count() or 1) // max(args.peers, 1))
+    # The cores are shared by the peer processes; the peers of one process take turns.
+    threads = max(1, (os.cpu_count() or 1) // len(hosts))
 
-    coord_argv = _strip(_strip(argv, "--gpus"), "--token-file")
+    coord_argv = _strip(_strip(_strip(argv, "--gpus"), "--procs"), "--token-file")
     # One fresh join token per run, readable by this user only, handed over as a file.
     token_file = Path(args.token_file) if args.token_file else out / "join-token"
     if not args.token_file:
@@ -89,58 +205,118 @@ def run_local(args: argparse.Namespace, argv: list[str]) -> int:
             address = line[len(LISTENING) :].strip()
         else:
             print(line, end="", flush=True)
-    print(f"coordinator at {address}; starting {args.peers} peers (logs in {out})", flush=True)
+    logs = ", ".join(h.log.name for h in hosts) if len(hosts) <= 8 else "peer*.log"
+    print(
+        f"coordinator at {address}; starting {args.peers} peers in {len(hosts)} process(es) "
+        f"(logs in {out}: coordinator.log, {logs})",
+        flush=True,
+    )
 
-    peers = []
-    for k in range(args.peers):
-        device = f"cuda:{gpus[k % len(gpus)]}" if gpus else "cpu"
-        if gpus:
-            print(f"peer {k} on {device}", flush=True)
-        cmd = [*py, "peer", "--coordinator", address, "--listen", "127.0.0.1:0"]
-        cmd += ["--index", str(k), "--device", device, "--threads", str(threads)]
-        cmd += ["--token-file", str(token_file)]
-        if args.data_dir:
-            cmd += ["--data-dir", str(Path(args.data_dir).resolve())]
-        if args.state_dir:
-            cmd += ["--state-dir", str(args.state_dir)]
-        if args.tls:
-            cmd += ["--tls", "--certs", str(args.certs)]
-        log = open(out / f"peer-{k}.log", "w")
-        peers.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+    try:
+        for h in hosts:
+            if args.gpus:
+                print(f"{h.name} on {h.device}", flush=True)
+            cmd = [*py, "peer", "--coordinator", address, "--listen", "127.0.0.1:0"]
+            cmd += ["--index", h.index_spec, "--device", h.device, "--threads", str(threads)]
+            cmd += ["--token-file", str(token_file)]
+            if args.data_dir:
+                cmd += ["--data-dir", str(Path(args.data_dir).resolve())]
+            if args.state_dir:
+                cmd += ["--state-dir", str(args.state_dir)]
+            if args.tls:
+                cmd += ["--tls", "--certs", str(args.certs)]
+            with open(h.log, "w") as log:  # the child keeps its own descriptor
+                h.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return _supervise(out, coordinator, hosts, lines)
+    finally:  # Ctrl-C or a launcher bug: leave no process behind
+        _stop([coordinator, *(h.proc for h in hosts if h.proc is not None)], grace=10)
+        coord_log.close()
 
-    # Relay the coordinator's progress lines while waiting for every process to end.
-    procs: dict[str, subprocess.Popen] = {"coordinator": coordinator}
-    procs.update({f"peer-{k}": p for k, p in enumerate(peers)})
-    failed = None
-    while any(p.poll() is None for p in procs.values()):
+
+def _supervise(
+    out: Path,
+    coordinator: subprocess.Popen[str],
+    hosts: list[PeerProcess],
+    lines: queue.Queue[str | None],
+) -> int:
+    """Relay the coordinator's progress until it exits; note peer processes that die."""
+
+    def relay(timeout: float) -> None:
         try:
-            line = lines.get(timeout=0.5)
-            if line:
-                print(line, end="", flush=True)
+            line = lines.get(timeout=timeout)
         except queue.Empty:
-            pass
-        failed = next((n for n, p in procs.items() if p.poll() not in (None, 0)), None)
-        if failed:
-            break
-    while not lines.empty():
-        line = lines.get()
+            return
         if line:
             print(line, end="", flush=True)
-    if failed:
-        deadline = time.monotonic() + 10
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-        log_name = "coordinator.log" if failed == "coordinator" else f"{failed}.log"
+
+    early: list[PeerProcess] = []
+    all_gone_at: float | None = None
+    stopped_coordinator = False
+    while coordinator.poll() is None:
+        relay(0.5)
+        for h in hosts:
+            assert h.proc is not None
+            code = h.proc.poll()
+            if code is None or h.noted:
+                continue
+            h.noted = True
+            if code != 0:
+                early.append(h)
+                print(
+                    f"peer host {h.name} (pid {h.proc.pid}) exited {code}; the run goes on "
+                    f"while the quorum holds (log {h.log.name}):\n{_tail(h.log, 5)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        if all(h.noted for h in hosts):
+            # No peer is left: the coordinator can only write its results (peers that ended
+            # normally) or wait for joins that never come (all failed). Bound that wait.
+            all_gone_at = all_gone_at or time.monotonic()
+            failed_all = len(early) == len(hosts)
+            grace = GRACE_AFTER_PEERS_FAILED if failed_all else GRACE_AFTER_PEERS_DONE
+            if time.monotonic() - all_gone_at > grace:
+                print("no peer process is left; stopping the coordinator", file=sys.stderr)
+                stopped_coordinator = True
+                _stop([coordinator], grace=15)
+    while not lines.empty():
+        relay(0)
+
+    # The run is over: the peers still running end on their own (they learn it from the
+    # coordinator); those that do not within the grace are stopped.
+    running = [h for h in hosts if h.proc is not None and h.proc.poll() is None]
+    deadline = time.monotonic() + (GRACE_FOR_PEERS if coordinator.returncode == 0 else 5.0)
+    terminated: list[PeerProcess] = []
+    for h in running:
+        assert h.proc is not None
+        try:
+            h.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            terminated.append(h)
+    _stop([h.proc for h in terminated if h.proc is not None], grace=10)
+    failed_late = [
+        h for h in running if h not in terminated and h.proc is not None and h.proc.returncode != 0
+    ]
+    _add_launcher_record(
+        out,
+        {
+            "processes": len(hosts),
+            # died while the coordinator ran (the run went on without their peers)
+            "exited_early": [h.record() for h in early],
+            # still running after the coordinator's exit and its grace: stopped
+            "stopped_after_the_run": [h.record() for h in terminated],
+            # ended on their own after the coordinator, with an error
+            "failed_after_the_run": [h.record() for h in failed_late],
+        },
+    )
+
+    code = coordinator.returncode
+    if code != 0:
+        for h in early if stopped_coordinator else []:
+            print(f"{h.name} failed (exit {h.record()['exit']}):\n{_tail(h.log)}", file=sys.stderr)
         print(
-            f"{failed} failed (exit {procs[failed].returncode}):\n{_tail(out / log_name)}",
+            f"coordinator failed (exit {code}):\n{_tail(out / 'coordinator.log')}",
             file=sys.stderr,
         )
-        return 1
+        return code if code > 0 else 1
     print()
     return print_report(out)

@@ -1,4 +1,5 @@
-"""Peer durability: the model after each completed round, in the peer's own `--state-dir`.
+"""Peer durability: the model after each completed round, in the peer's own `--state-dir`,
+and the member secret that proves a restarted peer is the member that first took its index.
 
 Written atomically (temporary file, fsync, rename); read with `weights_only=True`, which loads
 tensors and plain containers only. A checkpoint of another run (different run id) is ignored.
@@ -33,3 +34,54 @@ class PeerCheckpoint:
         if data.get("run_id") != run_id:
             return None
         return int(data["round"]), data["model"]
+
+
+# A member secret is a short token from the coordinator; anything longer is not one of ours.
+MAX_SECRET_CHARS = 128
+
+
+class MemberSecret:
+    """`<state-dir>/member-<index>.secret`: the JoinReply.member_secret, readable by us only."""
+
+    def __init__(self, state_dir: Path, index: int) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / f"member-{index}.secret"
+
+    def load(self) -> str:
+        """The saved secret, or "" when there is none (a first join)."""
+        try:
+            text = self.path.read_text().strip()
+        except FileNotFoundError:
+            return ""
+        return text if 0 < len(text) <= MAX_SECRET_CHARS and text.isprintable() else ""
+
+    def save(self, secret: str) -> None:
+        # Created 0600 from the start (never briefly world-readable), fsynced, then renamed over
+        # the old one, so that a crash leaves either the old secret or the new one, never half.
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secret + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a leftover file
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (best effort: not every file system lets a directory be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -36,9 +36,11 @@ class CoordinatorClient:
         self.stub = rpc.CoordinatorStub(self.channel)
         self.peer_id = ""
         self._metadata: tuple[tuple[str, str], ...] = ()
+        # Proof of identity for rejoining under our index (from --state-dir, or our last join).
+        self.member_secret = ""
 
     def join(self, index: int, advertise: str, token: str, connect_timeout: float) -> pb.JoinReply:
-        request = pb.JoinRequest(index=index, advertise=advertise)
+        request = pb.JoinRequest(index=index, advertise=advertise, member_secret=self.member_secret)
         # wait_for_ready: the coordinator may still be starting; gRPC waits for the connection.
         reply: pb.JoinReply = self.stub.Join(
             request,
@@ -48,6 +50,8 @@ class CoordinatorClient:
         )
         self.peer_id = reply.peer_id
         self._metadata = ((SESSION_METADATA, reply.session),)
+        if reply.member_secret:
+            self.member_secret = reply.member_secret  # kept in memory for a rejoin
         self.counter.message(reply.start_round, "coordinator", "sent", request)
         self.counter.message(reply.start_round, "coordinator", "received", reply)
         return reply
@@ -116,9 +120,14 @@ class CoordinatorClient:
         return plan, tensors
 
     def latest(
-        self, count_round: int, expected: Mapping[str, TensorSpec] | None = None
+        self,
+        count_round: int,
+        expected: Mapping[str, TensorSpec] | None = None,
+        after_round: int = 0,
     ) -> tuple[pb.Plan, dict[str, WireTensor]]:
-        request = pb.LatestRequest(peer_id=self.peer_id, round=count_round)
+        """The last closed round's aggregate; with `after_round`, the coordinator first waits
+        (within this call's deadline) until that round is closed."""
+        request = pb.LatestRequest(peer_id=self.peer_id, round=count_round, after_round=after_round)
         return self._result_stream(self.stub.GetLatestModel, request, count_round, expected)
 
     def report(self, report: pb.MetricsReport) -> pb.MetricsAck:

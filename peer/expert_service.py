@@ -1,14 +1,23 @@
-"""The ExpertExchange gRPC service every peer runs: streams planned experts to other peers."""
+"""The ExpertExchange gRPC service: streams planned experts to other peers.
+
+One process may host several peers behind one endpoint (`fedmoe peer --index 0-24`): each
+request names the peer it fetches from (`ExpertRequest.source_id`, "peer-K") and is served from
+that peer's own store and counted by that peer's own byte counter. An empty source_id is taken
+only where the process hosts exactly one peer (the form older fetchers and hand-made tools use).
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 
 from common import faults
 from common.accounting import ByteCounter
+from common.logsafe import clip
 from common.proto import pb, rpc
 from peer.expert_store import ExpertStore, ServeRefused
 
@@ -36,26 +45,98 @@ def add_expert_exchange(server: grpc.Server, service: ExpertExchangeService) -> 
     server.add_generic_rpc_handlers((handler,))
 
 
+@dataclass(frozen=True)
+class HostedPeer:
+    peer_id: str  # "" for a store registered before (or without) a join
+    store: ExpertStore
+    counter: ByteCounter
+
+
 class ExpertExchangeService(rpc.ExpertExchangeServicer):
-    def __init__(self, store: ExpertStore, counter: ByteCounter) -> None:
-        self.store = store
-        self.counter = counter
+    """Serves the experts of the peers this process hosts.
+
+    `ExpertExchangeService(store, counter)` serves one peer (empty source_id accepted);
+    `ExpertExchangeService(hosted=N)` then `add_peer(...)` once per peer as each joins.
+    """
+
+    def __init__(
+        self,
+        store: ExpertStore | None = None,
+        counter: ByteCounter | None = None,
+        hosted: int = 1,
+    ) -> None:
+        self.hosted = hosted  # how many peers this process serves (fixed at start)
+        self._lock = threading.Lock()
+        self._peers: dict[str, HostedPeer] = {}
+        self._only: HostedPeer | None = None
+        if store is not None:
+            self._only = HostedPeer("", store, counter or ByteCounter())
+
+    def add_peer(self, peer_id: str, store: ExpertStore, counter: ByteCounter) -> None:
+        """Route requests for `peer_id` to this store (called once the peer has joined)."""
+        peer = HostedPeer(peer_id, store, counter)
+        with self._lock:
+            self._peers[peer_id] = peer
+            if self.hosted == 1:
+                self._only = peer
+
+    def _route(self, source_id: str) -> HostedPeer | None:
+        with self._lock:
+            if source_id:
+                return self._peers.get(source_id)
+            return self._only if self.hosted == 1 else None
 
     def FetchExperts(
         self, request: pb.ExpertRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
+        peer = self._route(request.source_id)
+        if peer is None:
+            if request.source_id:
+                message = f"peer {clip(request.source_id)} is not served here"
+            elif self.hosted > 1:
+                message = f"this endpoint hosts {self.hosted} peers: name one in source_id"
+            else:
+                message = "no peer has joined the run here yet"
+            log.warning("refused expert request from %s: %s", clip(request.requester_id), message)
+            context.abort(grpc.StatusCode.NOT_FOUND, message)
+            return
+        # A caller that goes away (cancel, deadline) must not keep a server thread waiting for
+        # a plan: the callback marks it and wakes the store's waiters, which then give up.
+        cancelled = threading.Event()
+
+        def ended() -> None:
+            cancelled.set()
+            peer.store.wake()
+
+        context.add_callback(ended)
+        remaining = context.time_remaining()
+        wait = (
+            peer.store.wait_timeout
+            if remaining is None
+            else min(peer.store.wait_timeout, remaining)
+        )
         try:
-            chunks = self.store.take(
-                request.round, request.requester_id, list(request.experts), request.ticket
+            chunks = peer.store.take(
+                request.round,
+                request.requester_id,
+                list(request.experts),
+                request.ticket,
+                wait_seconds=wait,
+                cancelled=cancelled,
             )
         except ServeRefused as e:
-            log.warning("refused expert request from %s: %s", request.requester_id, e)
+            log.warning(
+                "refused expert request from %s to %s: %s",
+                clip(request.requester_id),
+                peer.peer_id or "this peer",
+                e,
+            )
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
             return
         # Counted under the request's round: this peer reports that round only after serving.
-        self.counter.message(request.round, "p2p", "received", request)
+        peer.counter.message(request.round, "p2p", "received", request)
         for chunk in chunks:
-            self.counter.add(request.round, "p2p", "sent", len(chunk))
-            faults.count("kill_after_served_chunks")
+            peer.counter.add(request.round, "p2p", "sent", len(chunk))
+            faults.count("kill_after_served_chunks", peer.peer_id or None)
             yield chunk
-        self.store.mark_served(request.round, request.requester_id)
+        peer.store.mark_served(request.round, request.requester_id)

@@ -1,8 +1,19 @@
-"""`fedmoe peer`: join the run, serve experts to other peers, train, exit 0 when the run is over."""
+"""`fedmoe peer`: join the run, serve experts to other peers, train, exit 0 when the run is over.
+
+One process may host several peers (`--index 0-24`, issue "Scale: 100 peers on one machine").
+Each hosted peer is a full member: its own join, session and member secret, data partition,
+model and optimizer, expert store, byte counter, round loop with its own heartbeats, and
+checkpoint. They share the process's torch runtime and device (training and evaluation take
+turns, see peer/trainer.py), the dataset as read from disk (each keeps only its own rows), and
+one gRPC server whose ExpertExchange routes each request to the peer it names (source_id).
+Fetches between two peers of one process still go through gRPC on loopback, counted per peer.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -12,23 +23,25 @@ import torch
 from common.accounting import ByteCounter
 from common.auth import CredentialError, load_token
 from common.config import is_sync_round
-from common.data import DataError, load_peer_data
+from common.data import DataError, clear_dataset_cache, load_peer_data
 from common.grpc_options import SERVER_OPTIONS
 from common.netaddr import is_loopback_listen, split_host_port
 from common.tls import TlsFiles, add_port
 from common.wire_counters import WireMeter
 from common.wire_counters import detect as detect_interfaces
-from peer.checkpoint import PeerCheckpoint
+from peer.checkpoint import MemberSecret, PeerCheckpoint
 from peer.coordinator_client import CoordinatorClient
 from peer.expert_client import ExpertClient
 from peer.expert_service import ExpertExchangeService, add_expert_exchange
 from peer.expert_store import ExpertStore
-from peer.runner import PeerRunner
-from peer.trainer import LocalTrainer, build_model
+from peer.runner import BadAggregate, PeerRunner
+from peer.trainer import COMPUTE_LOCK, LocalTrainer, build_model
 
 log = logging.getLogger("fedmoe.peer")
 
 WILDCARDS = {"0.0.0.0", "::", ""}
+# Server threads per hosted peer: each holds a fetch while it waits for its plan or streams.
+SERVER_THREADS_PER_PEER = 8
 
 
 def check_device(device: str) -> str:
@@ -47,23 +60,164 @@ def check_device(device: str) -> str:
     return device
 
 
-def run_peer(
+class _DataGate:
+    """Clears the per-process dataset cache once every hosted peer has its own rows."""
+
+    def __init__(self, members: int) -> None:
+        self._left = members
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left == 0:
+                clear_dataset_cache()
+
+
+class _Host:
+    """What the peers of one process share: the coordinator's address, the join token, the
+    expert server and its advertised address, the device, and the command's settings."""
+
+    def __init__(
+        self,
+        coordinator: str,
+        advertise: str,
+        token: str,
+        service: ExpertExchangeService,
+        members: int,
+        device: str,
+        data_dir: str | None,
+        timeout: float,
+        state_dir: Path | None,
+        tls: Mapping[int, TlsFiles] | None,
+        wire: WireMeter | None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.advertise = advertise
+        self.token = token
+        self.service = service
+        self.multi = members > 1
+        self.device = device
+        self.data_dir = data_dir
+        self.timeout = timeout
+        self.state_dir = state_dir
+        self.tls = tls
+        self.wire = wire
+        self.data = _DataGate(members)
+
+    def run_member(self, index: int) -> None:
+        """Join as peer `index` and take part until the run is over; SystemExit on failure."""
+        tls = self.tls[index] if self.tls else None
+        counter = ByteCounter()
+        store = ExpertStore(wait_timeout=self.timeout)
+        coord = CoordinatorClient(
+            self.coordinator, counter, chunk_bytes=1 << 20, timeout=self.timeout, tls=tls
+        )
+        experts = ExpertClient(counter, self.timeout, tls=tls)
+        secret = MemberSecret(self.state_dir, index) if self.state_dir else None
+        data_pending = True
+        try:
+            if secret is not None:
+                coord.member_secret = secret.load()  # proves we are this index's member
+            try:
+                reply = coord.join(index, self.advertise, self.token, connect_timeout=self.timeout)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise SystemExit(
+                        f"peer {index}: DEADLINE_EXCEEDED: could not reach the coordinator at "
+                        f"{self.coordinator} within {self.timeout:.0f} s. Check the address and "
+                        "port, that it runs, firewalls, and with --tls that both sides use "
+                        "certificates of the same CA whose names match the address"
+                    ) from e
+                raise
+            if secret is not None and reply.member_secret:
+                secret.save(reply.member_secret)
+            cfg = reply.config
+            coord.chunk_bytes = cfg.chunk_bytes
+            store.has_experts = lambda r: is_sync_round(cfg, r)
+            store.max_experts = cfg.num_experts
+            self.service.add_peer(reply.peer_id, store, counter)
+            # Hosted peers share one log file: each logs under its own name.
+            plog = logging.getLogger(f"fedmoe.peer.{reply.peer_id}") if self.multi else log
+            plog.info(
+                "joined as %s, run %s, round %d, serving experts at %s",
+                reply.peer_id,
+                cfg.run_id,
+                reply.start_round,
+                self.advertise,
+            )
+            try:
+                data = load_peer_data(
+                    cfg.dataset,
+                    self.data_dir or cfg.data_dir or None,
+                    cfg.peers,
+                    index,
+                    cfg.alpha,
+                    cfg.seed,
+                    cache=self.multi,
+                )
+            finally:
+                data_pending = False
+                self.data.done()
+            # build_model seeds torch's global generator: one peer at a time, so that every
+            # peer starts from the same initialisation.
+            with COMPUTE_LOCK:
+                trainer = LocalTrainer(build_model(cfg, data), data, cfg, self.device, index)
+            runner = PeerRunner(
+                cfg,
+                reply.peer_id,
+                trainer,
+                coord,
+                experts,
+                store,
+                counter,
+                serve_timeout=self.timeout,
+                checkpoint=PeerCheckpoint(self.state_dir, index) if self.state_dir else None,
+                heartbeat_seconds=max(0.2, reply.heartbeat_ms / 1000),
+                wire=self.wire,
+                index=index,
+                logger=plog,
+            )
+            runner.run(reply.start_round)
+        except grpc.RpcError as e:
+            raise SystemExit(f"peer {index}: {e.code().name}: {e.details()}") from e
+        except (DataError, BadAggregate) as e:
+            raise SystemExit(f"peer {index}: {e}") from e
+        finally:
+            if data_pending:
+                self.data.done()
+            coord.close()
+            experts.close()
+
+
+def run_peers(
     coordinator: str,
     listen: str,
     advertise: str | None,
-    index: int,
+    indices: Sequence[int],
     device: str,
     data_dir: str | None,
     timeout: float,
     threads: int | None,
     token_file: str | None = None,
     state_dir: Path | None = None,
-    tls: TlsFiles | None = None,
+    tls: Mapping[int, TlsFiles] | None = None,
     wire_iface: str | None = None,
 ) -> int:
+    """Host the peers `indices` in this process; returns 0 once every one of them is done."""
+    if not indices:
+        raise SystemExit("peer: no --index given")
     device = check_device(device)
-    # Started first: the join and the connection set-up belong to round 1's wire bytes.
-    wire = WireMeter(detect_interfaces(wire_iface, on_loopback=is_loopback_listen(coordinator)))
+    multi = len(indices) > 1
+    # Started first: the join and the connection set-up belong to round 1's wire bytes. Kernel
+    # counters are per interface, not per peer: with several peers in one process they cannot
+    # be told apart, so they are not reported.
+    wire = None
+    if multi:
+        if wire_iface not in (None, "off", "auto"):
+            log.warning("--wire-iface ignored: hosted peers share this process's interfaces")
+    else:
+        wire = WireMeter(detect_interfaces(wire_iface, on_loopback=is_loopback_listen(coordinator)))
     try:
         token = load_token(token_file)
     except CredentialError as e:
@@ -80,63 +234,118 @@ def run_peer(
             "serving experts on %s without TLS: traffic is not encrypted (use --tls)", listen
         )
 
-    counter = ByteCounter()
-    store = ExpertStore(wait_timeout=timeout)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
-    coord = CoordinatorClient(coordinator, counter, chunk_bytes=1 << 20, timeout=timeout, tls=tls)
-    add_expert_exchange(server, ExpertExchangeService(store, counter))
+    workers = max(16, SERVER_THREADS_PER_PEER * len(indices))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts"),
+        options=SERVER_OPTIONS,
+    )
+    service = ExpertExchangeService(hosted=len(indices))
+    add_expert_exchange(server, service)
     try:
-        port = add_port(server, listen, tls)
+        # One endpoint for all hosted peers; it presents the first one's certificate.
+        port = add_port(server, listen, tls[indices[0]] if tls else None)
     except RuntimeError as e:
         raise SystemExit(f"peer: cannot listen on {listen}: {e}") from e
     advertise = advertise or f"{host}:{port}"
     server.start()
+    hosted = _Host(
+        coordinator,
+        advertise,
+        token,
+        service,
+        len(indices),
+        device,
+        data_dir,
+        timeout,
+        state_dir,
+        tls,
+        wire,
+    )
     try:
-        try:
-            reply = coord.join(index, advertise, token, connect_timeout=timeout)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise SystemExit(
-                    f"peer {index}: DEADLINE_EXCEEDED: could not reach the coordinator at "
-                    f"{coordinator} within {timeout:.0f} s. Check the address and port, that it "
-                    "runs, firewalls, and with --tls that both sides use certificates of the "
-                    "same CA whose names match the address"
-                ) from e
-            raise
-        cfg = reply.config
-        coord.chunk_bytes = cfg.chunk_bytes
-        store.has_experts = lambda r: is_sync_round(cfg, r)
-        log.info(
-            "joined as %s, run %s, round %d, serving experts at %s",
-            reply.peer_id,
-            cfg.run_id,
-            reply.start_round,
-            advertise,
-        )
-        data = load_peer_data(
-            cfg.dataset, data_dir or cfg.data_dir or None, cfg.peers, index, cfg.alpha, cfg.seed
-        )
-        trainer = LocalTrainer(build_model(cfg, data), data, cfg, device, index)
-        runner = PeerRunner(
-            cfg,
-            reply.peer_id,
-            trainer,
-            coord,
-            ExpertClient(counter, timeout, tls=tls),
-            store,
-            counter,
-            serve_timeout=timeout,
-            checkpoint=PeerCheckpoint(state_dir, index) if state_dir else None,
-            heartbeat_seconds=max(0.2, reply.heartbeat_ms / 1000),
-            wire=wire,
-        )
-        runner.run(reply.start_round)
-    except grpc.RpcError as e:
-        raise SystemExit(f"peer {index}: {e.code().name}: {e.details()}") from e
-    except DataError as e:
-        raise SystemExit(f"peer {index}: {e}") from e
+        if not multi:
+            hosted.run_member(indices[0])  # in this thread: exactly the one-peer process
+        else:
+            log.info("hosting peers %s, serving experts at %s", _describe(indices), advertise)
+            errors = _run_threads(hosted, indices)
+            if errors:
+                raise SystemExit("\n".join(errors))
     finally:
         server.stop(grace=2).wait()
-        coord.close()
     log.info("run finished")
     return 0
+
+
+def _run_threads(hosted: _Host, indices: Sequence[int]) -> list[str]:
+    """Run every hosted peer in its own thread; returns the failures, one line each."""
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def member(index: int) -> None:
+        try:
+            hosted.run_member(index)
+        except SystemExit as e:
+            message = str(e.code)
+        except Exception as e:  # one peer's bug must not take the others down
+            log.exception("peer %d failed", index)
+            message = f"peer {index}: {type(e).__name__}: {e}"
+        else:
+            return
+        log.error("%s", message)
+        with lock:
+            errors.append(message)
+
+    # Daemon threads: Ctrl-C (or SIGTERM's default action) ends the process with all its peers.
+    workers = [
+        threading.Thread(target=member, args=(k,), name=f"peer-{k}", daemon=True) for k in indices
+    ]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return sorted(errors)
+
+
+def _describe(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 3, 8] -> "0-3,8" (the --index syntax)."""
+    parts: list[str] = []
+    ordered = sorted(indices)
+    start = prev = ordered[0]
+    for k in [*ordered[1:], None]:
+        if k is not None and k == prev + 1:
+            prev = k
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if k is not None:
+            start = prev = k
+    return ",".join(parts)
+
+
+def run_peer(
+    coordinator: str,
+    listen: str,
+    advertise: str | None,
+    index: int,
+    device: str,
+    data_dir: str | None,
+    timeout: float,
+    threads: int | None,
+    token_file: str | None = None,
+    state_dir: Path | None = None,
+    tls: TlsFiles | None = None,
+    wire_iface: str | None = None,
+) -> int:
+    """One peer in this process (the form before peer hosts; kept for callers of it)."""
+    return run_peers(
+        coordinator,
+        listen,
+        advertise,
+        [index],
+        device,
+        data_dir,
+        timeout,
+        threads,
+        token_file,
+        state_dir,
+        {index: tls} if tls else None,
+        wire_iface,
+    )

@@ -4,6 +4,12 @@ Failure handling: a heartbeat thread keeps the membership alive and learns who l
 refused as late, or a plan without us, makes the peer catch up from the latest aggregate; a
 coordinator that lost our upload (restart) gets it again; an expert source that fails twice is
 dropped and Eq. 10's weights are renormalised over what arrived.
+
+Partial participation (clients_per_round C > 0): a peer works only in the rounds it is sampled
+for (`takes_part`, the same seeded draw as the coordinator's). In between it only heartbeats.
+Sampled for round r after sitting r - 1 out, it first loads the aggregate of r - 1 (the
+coordinator holds that answer until r - 1 is closed); told it is late, it moves on to its next
+sampled round. After its last one it heartbeats until the coordinator says the run is over.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -18,9 +25,9 @@ import torch
 
 from common import faults
 from common.accounting import ByteCounter
-from common.config import is_sync_round, upload_prefixes
+from common.config import is_sync_round, takes_part, upload_prefixes
 from common.proto import pb
-from common.tensors import TensorSpec, WireTensor
+from common.tensors import TensorSpec, WireError, WireTensor, check_values
 from common.torch_wire import torch_to_wire, wire_to_torch
 from common.wire_counters import WireMeter
 from peer.checkpoint import PeerCheckpoint
@@ -34,10 +41,17 @@ log = logging.getLogger("fedmoe.peer")
 
 Experts = dict[int, dict[str, torch.Tensor]]
 FETCH_ATTEMPTS = 2
+# A peer with no round left stops waiting for the run's end once the coordinator has refused
+# connections for this many heartbeat periods in a row.
+GONE_HEARTBEATS = 5
 
 
 class Late(Exception):
     """The round went on without us; carry on from the latest aggregate."""
+
+
+class BadAggregate(Exception):
+    """The coordinator sent tensors that fail the value checks (NaN, Inf, norm bound)."""
 
 
 class PeerRunner:
@@ -54,9 +68,14 @@ class PeerRunner:
         checkpoint: PeerCheckpoint | None = None,
         heartbeat_seconds: float = 2.0,
         wire: WireMeter | None = None,
+        index: int | None = None,
+        logger: logging.Logger | None = None,
     ) -> None:
         self.cfg = cfg
         self.peer_id = peer_id
+        # Our index decides which rounds we are sampled for; "peer-K" ids carry it too.
+        self.index = index if index is not None else int(peer_id.rsplit("-", 1)[-1])
+        self.log = logger or log  # a peer host names each peer's logger after it
         self.trainer = trainer
         self.coordinator = coordinator
         self.experts = experts
@@ -69,6 +88,9 @@ class PeerRunner:
         self.fetch_failures: list[str] = []
         self.round = 1
         self._stop = threading.Event()
+        self._finished = threading.Event()  # a heartbeat reply said the run is over
+        self._last_reply = time.monotonic()  # when the coordinator last answered a heartbeat
+        self._unreachable_since: float | None = None  # heartbeats UNAVAILABLE since then
         # Traffic is counted under the round whose report is not yet sent; the lock keeps a
         # heartbeat from landing between a report's snapshot of the counts and its sending.
         self._accounting = threading.Lock()
@@ -82,25 +104,82 @@ class PeerRunner:
             next_round = self._catch_up()
             self.counter.carry(start_round, next_round)  # its bytes belong to a reported round
             self.round = next_round
-        beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        beat = threading.Thread(
+            target=self._heartbeats, name=f"heartbeat-{self.peer_id}", daemon=True
+        )
         beat.start()
         try:
+            if self.cfg.clients_per_round:
+                self._run_sampled()
+                return
             while self.round <= self.cfg.rounds:
                 try:
                     ack = self.run_round(self.round)
                 except Late as late:
-                    log.warning("round %d: %s; catching up", self.round, late)
+                    self.log.warning("round %d: %s; catching up", self.round, late)
                     skipped = self.round
                     next_round = self._catch_up()
                     with self._accounting:
                         self.round = next_round
                         self.counter.carry(skipped, next_round)
                     continue
-                faults.at_round_end(self.round - 1)  # run_round moved self.round on
+                faults.at_round_end(self.round - 1, self.peer_id)  # run_round moved it on
                 if ack.run_finished:
                     return
         finally:
             self._stop.set()
+
+    def _run_sampled(self) -> None:
+        """The round loop under partial participation (see the module docstring)."""
+        shares = bool(upload_prefixes(self.cfg, 1))
+        synced = self.round - 1  # the round whose aggregate our model holds
+        start = self.round
+        while (round_ := self._next_sampled(start)) is not None:
+            with self._accounting:  # heartbeats from here on belong to the round we work on
+                if self.round != round_:
+                    self.counter.carry(self.round, round_)
+                    self.round = round_
+            try:
+                if shares and synced != round_ - 1:
+                    synced = self._load_latest(round_, after_round=round_ - 1)
+                    if synced >= round_:
+                        raise Late(f"round {round_} closed while we caught up")
+                ack = self.run_round(round_)
+            except Late as late:
+                self.log.warning("round %d: %s; moving on to our next sampled round", round_, late)
+                start = max(round_, synced) + 1
+                continue
+            synced = round_
+            faults.at_round_end(round_, self.peer_id)
+            if ack.run_finished:
+                return
+            start = round_ + 1
+        self._wait_run_finished()
+
+    def _next_sampled(self, start: int) -> int | None:
+        """The first round from `start` on that we take part in (None: no more)."""
+        for round_ in range(start, self.cfg.rounds + 1):
+            if takes_part(self.cfg, self.index, round_):
+                return round_
+        return None
+
+    def _wait_run_finished(self) -> None:
+        """Sampled for no more rounds: heartbeats go on until the coordinator says it is over."""
+        self.log.info("not sampled for any later round; waiting for the run to finish")
+        while not self._finished.wait(self.heartbeat_seconds):
+            now = time.monotonic()
+            gone = self._unreachable_since
+            if gone is not None and now - gone > GONE_HEARTBEATS * self.heartbeat_seconds:
+                # Refused connections, not slow answers: the coordinator has exited (it ends as
+                # soon as the last sampled peers report, often between two of our heartbeats).
+                # With no round left to us there is nothing to wait for; a restarted
+                # coordinator would not need us either.
+                self.log.info("the coordinator is gone and no round is left to us: done")
+                return
+            if now - self._last_reply > self.serve_timeout:
+                raise RuntimeError(
+                    f"the coordinator has not answered a heartbeat for {now - self._last_reply:.0f} s"
+                )
 
     def _resume_from_checkpoint(self) -> bool:
         if self.checkpoint is None:
@@ -110,7 +189,7 @@ class PeerRunner:
             return False
         round_, state = saved
         self.trainer.load(state)
-        log.info("resumed the model of round %d from %s", round_, self.checkpoint.path)
+        self.log.info("resumed the model of round %d from %s", round_, self.checkpoint.path)
         return True
 
     def _catch_up(self) -> int:
@@ -118,12 +197,30 @@ class PeerRunner:
         prefixes = upload_prefixes(self.cfg, 1)
         if not prefixes:  # local: nothing shared, just continue where the run is
             return self.round
-        plan, shared = self.coordinator.latest(
-            self.round, self._expected(("embedding.", "gate.", "experts."))
-        )
+        return self._load_latest(self.round) + 1
+
+    def _load_latest(self, count_round: int, after_round: int = 0) -> int:
+        """Load the coordinator's latest aggregate (once `after_round` is closed, if given);
+        returns the round it is the aggregate of. Its traffic counts under `count_round`."""
+        try:
+            plan, shared = self.coordinator.latest(
+                count_round, self._expected(("embedding.", "gate.", "experts.")), after_round
+            )
+        except grpc.RpcError as e:
+            if is_status(e, grpc.StatusCode.FAILED_PRECONDITION):
+                raise Late(e.details()) from e  # type: ignore[attr-defined]
+            raise
+        self._check_shared(shared)
         self.trainer.load({n: wire_to_torch(t, torch.float32) for n, t in shared.items()})
-        log.info("caught up to the aggregate of round %d", plan.round)
-        return plan.round + 1
+        self.log.info("caught up to the aggregate of round %d", plan.round)
+        return int(plan.round)
+
+    def _check_shared(self, shared: Mapping[str, WireTensor]) -> None:
+        """Tensors from the coordinator must be finite and within the run's norm bound."""
+        try:
+            check_values(shared, self.cfg.max_tensor_norm)
+        except WireError as e:
+            raise BadAggregate(f"the coordinator sent a bad tensor: {e}") from e
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
@@ -134,8 +231,13 @@ class PeerRunner:
                 try:
                     reply = self.coordinator.heartbeat(round_, timeout=self.heartbeat_seconds * 2)
                 except grpc.RpcError as e:
-                    log.debug("heartbeat failed: %s", e.code())
+                    self.log.debug("heartbeat failed: %s", e.code())
+                    if is_status(e, grpc.StatusCode.UNAVAILABLE):
+                        self._unreachable_since = self._unreachable_since or time.monotonic()
                     continue
+            self._last_reply, self._unreachable_since = time.monotonic(), None
+            if reply.run_finished:
+                self._finished.set()
             self.store.retain(set(reply.alive))
             self.store.release(round_, set(reply.reported))
 
@@ -159,7 +261,8 @@ class PeerRunner:
             ]
             try:
                 plan, shared = self._exchange_with_coordinator(round_, uploads)
-            except Late:
+                self._check_shared(shared)  # before any of it (or the plan) is acted on
+            except (Late, BadAggregate):
                 self.store.drop(round_)
                 raise
             if plan.sync and snapshot is not None:
@@ -175,7 +278,7 @@ class PeerRunner:
             # are complete and nobody is left waiting on a peer that moved on.
             never = self.store.wait_all_served(round_, self.serve_timeout)
             if never:
-                log.warning("round %d: planned fetches never came from %s", round_, never)
+                self.log.warning("round %d: planned fetches never came from %s", round_, never)
             served = self.store.served(round_)
             if round_ == self.cfg.rounds and served and self.wire.measured:
                 # Last round only: the final wire reading must not miss bytes still in our
@@ -207,7 +310,7 @@ class PeerRunner:
             wire_sent=wire[1] if wire else 0,
             wire_interfaces=",".join(self.wire.counters.interfaces) if self.wire.counters else "",
         )
-        log.info(
+        self.log.info(
             "round %d: loss %.4f acc %.4f global %.4f fetched %d experts",
             round_,
             loss,
@@ -232,7 +335,9 @@ class PeerRunner:
                 return self.coordinator.round_result(round_, expected)
             except grpc.RpcError as e:
                 if is_status(e, grpc.StatusCode.NOT_FOUND):  # coordinator restarted without it
-                    log.warning("round %d: coordinator lost our upload; sending it again", round_)
+                    self.log.warning(
+                        "round %d: coordinator lost our upload; sending it again", round_
+                    )
                     continue
                 if is_status(e, grpc.StatusCode.FAILED_PRECONDITION):
                     raise Late(e.details()) from e  # type: ignore[attr-defined]
@@ -276,12 +381,16 @@ class PeerRunner:
                         experts,
                         expected,
                         ticket=sources[source].ticket,
+                        source_id=source,  # the endpoint may host several peers
+                        max_norm=self.cfg.max_tensor_norm,
                     )
                     break
                 except Exception as e:
                     if attempt == FETCH_ATTEMPTS:
                         raise
-                    log.warning("round %d: fetch from %s failed (%s); retrying", round_, source, e)
+                    self.log.warning(
+                        "round %d: fetch from %s failed (%s); retrying", round_, source, e
+                    )
                     time.sleep(0.5)
             out: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
             for name, tensor in tensors.items():
@@ -297,7 +406,7 @@ class PeerRunner:
                     try:
                         fetched.update(future.result())
                     except Exception as e:  # a failed source is left out (Eq. 10 renormalised)
-                        log.warning("round %d: dropped source %s: %s", round_, source, e)
+                        self.log.warning("round %d: dropped source %s: %s", round_, source, e)
                         self.fetch_failures.append(f"round {round_}: {source}: {e}")
         rows = {
             row.expert: [Term(t.peer_id, t.expert, t.weight) for t in row.terms]
@@ -305,7 +414,7 @@ class PeerRunner:
         }
         merged, missing = merge_experts(rows, self.peer_id, snapshot, fetched)
         if missing:
-            log.warning(
+            self.log.warning(
                 "round %d: %d planned experts missing, weights renormalised", round_, len(missing)
             )
         self.trainer.load({n: t for params in merged.values() for n, t in params.items()})

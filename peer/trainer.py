@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
 from common.data import ArrayDataset, PeerData
 from common.proto import pb
 from peer.model import MoEModel
+
+# Peers hosted in one process share its torch runtime and device: they train and evaluate one
+# after another (each with all of the process's threads) rather than all at once, which would only
+# oversubscribe the cores or the GPU. Network waits are outside this lock.
+COMPUTE_LOCK = threading.Lock()
 
 
 def build_model(cfg: pb.RunConfig, data: PeerData) -> MoEModel:
@@ -39,6 +46,10 @@ class LocalTrainer:
 
     def train_round(self, round_: int) -> float:
         """E local epochs of SGD; returns the mean training loss (cross-entropy + balance)."""
+        with COMPUTE_LOCK:
+            return self._train_round(round_)
+
+    def _train_round(self, round_: int) -> float:
         self.model.train()
         opt = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum)
         gen = torch.Generator().manual_seed(
@@ -58,8 +69,12 @@ class LocalTrainer:
                 batches += 1
         return total / max(batches, 1)
 
-    @torch.no_grad()
     def evaluate(self, ds: ArrayDataset, batch: int = 512) -> float:
+        with COMPUTE_LOCK:
+            return self._evaluate(ds, batch)
+
+    @torch.no_grad()
+    def _evaluate(self, ds: ArrayDataset, batch: int = 512) -> float:
         self.model.eval()
         correct = 0
         for start in range(0, len(ds), batch):

@@ -62,11 +62,13 @@ class Cluster:
 
     def start_peer(
         self,
-        k: int,
+        k: int | str,
         faults: str | None = None,
         listen: str = "127.0.0.1:0",
         extra: list[str] | None = None,
     ) -> subprocess.Popen:
+        """Peer `k`, or with an index spec such as "0-2" a peer host (named "peers-0-2")."""
+        name = f"peer-{k}" if isinstance(k, int) else f"peers-{k}"
         cmd = [
             *FEDMOE,
             "peer",
@@ -77,9 +79,9 @@ class Cluster:
             "--listen",
             listen,
         ]
-        cmd += ["--token-file", str(self.token_file), "--state-dir", str(self.state / f"peer-{k}")]
+        cmd += ["--token-file", str(self.token_file), "--state-dir", str(self.state / name)]
         cmd += ["--timeout", "120", "--threads", "1", *(extra or [])]
-        return self._spawn(f"peer-{k}", cmd, faults)
+        return self._spawn(name, cmd, faults)
 
     def wait(self, name: str, timeout: float = 240) -> int:
         try:

@@ -1,0 +1,582 @@
+"""Coordinator scale benchmark: one real coordinator process and N protocol-level peers.
+
+The peers speak the real protocol over real gRPC (Join, Heartbeat, SubmitUpdate with tensors of
+the run's shapes, GetRoundResult, ReportMetrics) but train nothing and fetch no experts: what is
+measured is the coordinator. They are hosted as asyncio tasks (grpc.aio) in a few OS processes,
+each virtual peer on a channel (TCP connection) of its own, as N real peers would be.
+
+  .venv/bin/python bench/scale.py --peers 1000
+  .venv/bin/python bench/scale.py --peers 100 --procs 4 --rounds 5 --peer-timeout 10
+
+Prints one JSON line: peers, join_seconds (first Join sent -> all joined), heartbeat_p50_ms and
+heartbeat_p99_ms (client-side latency of every heartbeat during the run), round_close_seconds
+(last upload ack -> every peer holds its plan, max over rounds; per round in round_close),
+plan_seconds (strategy time of the slowest sync round, from the coordinator's summary.json
+`round_timings`, or timed here on the same shapes: see plan_seconds_source; the same timed
+here in an idle process is plan_seconds_isolated),
+coordinator_rss_mb (VmHWM), coordinator_cpu_seconds, coordinator_threads_max, rounds,
+total_seconds, errors. --py-spy BIN or --cprofile profile the coordinator (files in --out).
+
+Channels are connected before the first Join is sent (all workers start together on a "GO"
+line), so join_seconds measures the coordinator, not process start-up. Heartbeats start at a
+random phase inside the first interval, as independently started peers would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import queue
+import random
+import secrets
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the project importable
+    sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common.auth import SESSION_METADATA, TOKEN_METADATA  # noqa: E402
+from common.config import upload_prefixes  # noqa: E402
+from common.grpc_options import CHANNEL_OPTIONS  # noqa: E402
+from common.model_schema import model_schema  # noqa: E402
+from common.proto import pb, rpc  # noqa: E402
+from common.tensors import chunk_tensors, numpy_to_wire  # noqa: E402
+
+LISTENING = "FEDMOE_LISTENING "
+NUM_SAMPLES = 100  # within the synthetic set's bound; the same every round, as the book requires
+SAMPLE_SECONDS = 0.2
+# A channel of its own per virtual peer: without this, channels to one target in one process
+# share a subchannel (one TCP connection), which would hide the coordinator's per-connection cost.
+PEER_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+
+
+# ---------------------------------------------------------------- worker: N/procs virtual peers
+
+
+@dataclass
+class VirtualPeer:
+    index: int
+    channel: grpc.aio.Channel
+    token: str
+    call_timeout: float
+    train_seconds: float
+    peer_id: str = ""
+    round: int = 0
+    join_sent: float = 0.0
+    join_done: float = 0.0
+    # round -> {"upload": t, "ack": t, "plan": t, "result": t, "report": t, "rows": n}
+    rounds: dict[int, dict[str, float]] = field(default_factory=dict)
+    heartbeats_ms: list[float] = field(default_factory=list)
+    heartbeat_errors: int = 0
+    error: str | None = None
+
+    async def run(self) -> None:
+        stub = rpc.CoordinatorStub(self.channel)
+        self.join_sent = time.monotonic()
+        reply = await stub.Join(
+            pb.JoinRequest(index=self.index, advertise=f"127.0.0.1:{20000 + self.index}"),
+            metadata=((TOKEN_METADATA, self.token),),
+            timeout=self.call_timeout,
+        )
+        self.join_done = time.monotonic()
+        self.peer_id = reply.peer_id
+        md = ((SESSION_METADATA, reply.session),)
+        cfg = reply.config
+        done = asyncio.Event()
+        beats = asyncio.create_task(self.heartbeats(stub, md, reply.heartbeat_ms / 1000, done))
+        try:
+            await self.rounds_loop(stub, md, cfg, max(1, reply.start_round))
+        finally:
+            done.set()
+            await beats
+
+    async def rounds_loop(
+        self,
+        stub: rpc.CoordinatorStub,
+        md: tuple[tuple[str, str], ...],
+        cfg: pb.RunConfig,
+        start: int,
+    ) -> None:
+        schema = model_schema(cfg)
+        rng = np.random.default_rng(self.index)
+        for r in range(start, cfg.rounds + 1):
+            self.round = r
+            # Stand-in for local training (heartbeats go on meanwhile); a little jitter, as
+            # peers never finish at the same instant.
+            await asyncio.sleep(self.train_seconds * random.uniform(0.95, 1.0))
+            prefixes = upload_prefixes(cfg, r)
+            # Every peer its own random tensors: identical gates would make every plan row one
+            # big tie (the whole pool), which is not the case being measured.
+            wire = [
+                numpy_to_wire(n, (0.1 * rng.standard_normal(shape)).astype(np.float32))
+                for n, shape in sorted(schema.items())
+                if n.startswith(prefixes)
+            ]
+            header = pb.UpdateHeader(peer_id=self.peer_id, round=r, num_samples=NUM_SAMPLES)
+            parts = [pb.UpdatePart(header=header)]
+            parts += [pb.UpdatePart(chunk=c) for c in chunk_tensors(wire, cfg.chunk_bytes)]
+            t: dict[str, float] = {"upload": time.monotonic()}
+            self.rounds[r] = t
+            await stub.SubmitUpdate(iter(parts), metadata=md, timeout=self.call_timeout)
+            t["ack"] = time.monotonic()
+            call = stub.GetRoundResult(
+                pb.RoundRequest(peer_id=self.peer_id, round=r),
+                metadata=md,
+                timeout=self.call_timeout,
+            )
+            async for part in call:
+                if part.HasField("plan"):
+                    t["plan"] = time.monotonic()
+                    t["rows"] = len(part.plan.rows)
+            t["result"] = time.monotonic()
+            report = pb.MetricsReport(
+                peer_id=self.peer_id,
+                round=r,
+                num_samples=NUM_SAMPLES,
+                seconds=t["result"] - t["upload"],
+            )
+            await stub.ReportMetrics(report, metadata=md, timeout=self.call_timeout)
+            t["report"] = time.monotonic()
+
+    async def heartbeats(
+        self,
+        stub: rpc.CoordinatorStub,
+        md: tuple[tuple[str, str], ...],
+        interval: float,
+        done: asyncio.Event,
+    ) -> None:
+        delay = random.uniform(0, interval)
+        while True:
+            try:
+                await asyncio.wait_for(done.wait(), timeout=delay)
+                return  # the run is over for this peer
+            except asyncio.TimeoutError:
+                pass
+            started = time.perf_counter()
+            try:
+                await stub.Heartbeat(
+                    pb.HeartbeatRequest(peer_id=self.peer_id, round=self.round),
+                    metadata=md,
+                    timeout=max(5.0, 2 * interval),
+                )
+                self.heartbeats_ms.append(1000 * (time.perf_counter() - started))
+            except grpc.aio.AioRpcError:
+                self.heartbeat_errors += 1
+            # A fixed cadence, as a peer's heartbeat thread keeps: the next beat is due one
+            # interval after this one started.
+            delay = max(0.0, interval - (time.perf_counter() - started))
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "join_sent": self.join_sent,
+            "join_done": self.join_done,
+            "rounds": self.rounds,
+            "heartbeats_ms": [round(x, 3) for x in self.heartbeats_ms],
+            "heartbeat_errors": self.heartbeat_errors,
+            "error": self.error,
+        }
+
+
+async def worker_main(
+    address: str, token: str, indices: list[int], call_timeout: float, train_seconds: float
+) -> None:
+    channels = [grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS) for _ in indices]
+    await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 120) for c in channels))
+    print("READY", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # wait for GO
+    peers = [
+        VirtualPeer(i, c, token, call_timeout, train_seconds)
+        for i, c in zip(indices, channels, strict=True)
+    ]
+
+    async def guarded(p: VirtualPeer) -> None:
+        try:
+            await p.run()
+        except grpc.aio.AioRpcError as e:
+            p.error = f"{e.code().name}: {e.details()}"
+        except Exception as e:  # reported, not raised: the others go on
+            p.error = f"{type(e).__name__}: {e}"
+
+    await asyncio.gather(*(guarded(p) for p in peers))
+    await asyncio.gather(*(c.close() for c in channels))
+    print("RESULT " + json.dumps([p.result() for p in peers]), flush=True)
+
+
+# ---------------------------------------------------------------- the coordinator process
+
+
+class ProcWatch:
+    """Peak RSS (VmHWM), peak thread count and CPU time of a process, sampled until it exits
+    (the kernel's figures vanish with the process)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.hwm_kb = 0
+        self.threads = 0
+        self.cpu_seconds = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.hwm_kb = max(self.hwm_kb, int(line.split()[1]))
+                elif line.startswith("Threads:"):
+                    self.threads = max(self.threads, int(line.split()[1]))
+            stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks = os.sysconf("SC_CLK_TCK")
+            self.cpu_seconds = max(self.cpu_seconds, (int(stat[11]) + int(stat[12])) / ticks)
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def start_coordinator(args: argparse.Namespace, out: Path, token_file: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "fedmoe.cli"]
+    if args.coordinator_cmd:  # A/B runs of a modified coordinator, e.g. "python patched.py"
+        cmd = shlex.split(args.coordinator_cmd)
+    if args.cprofile:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--profiled-coordinator"]
+        cmd += [str(out / "coordinator.cprofile"), "--"]
+    cmd += ["coordinator", "--listen", "127.0.0.1:0"]
+    cmd += ["--peers", str(args.peers), "--out", str(out / "run"), "--token-file", str(token_file)]
+    cmd += ["--dataset", "synthetic", "--embed-dim", str(args.embed_dim), "--experts"]
+    cmd += [str(args.experts), "--expert-hidden", "8", "--rounds", str(args.rounds)]
+    cmd += ["--sync-every", str(args.sync_every), "--neighbors", str(args.neighbors)]
+    cmd += ["--round-timeout", str(args.round_timeout), "--peer-timeout", str(args.peer_timeout)]
+    cmd += ["--min-peers", str(args.peers)]  # a round closes with everyone: nobody is left out
+    log = open(out / "coordinator.log", "w")  # lives as long as the process
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def profiled_coordinator(stats_file: str, argv: list[str]) -> int:
+    """Run `fedmoe coordinator` with a cProfile in every thread, timed by that thread's CPU
+    clock, so that time spent blocked (waits, locks) is not counted and the gRPC pool's threads
+    are seen (py-spy cannot keep up with thousands of threads). Writes the merged stats."""
+    import cProfile
+    import pstats
+
+    profiles: list[cProfile.Profile] = []
+    lock = threading.Lock()
+
+    def start(frame: Any, event: str, arg: Any) -> None:  # first event of every new thread
+        profile = cProfile.Profile(time.thread_time)
+        with lock:
+            profiles.append(profile)
+        profile.enable()  # replaces this hook for the thread
+
+    threading.setprofile(start)
+    main_profile = cProfile.Profile(time.thread_time)
+    profiles.append(main_profile)
+    main_profile.enable()
+    from fedmoe.cli import main as cli_main
+
+    try:
+        return cli_main(argv)
+    finally:
+        main_profile.disable()
+        threading.setprofile(None)  # type: ignore[arg-type]
+        with lock:
+            merged = pstats.Stats(main_profile)
+            for p in profiles[1:]:
+                p.snapshot_stats()  # other threads' profilers: read without disabling
+                if p.stats:  # type: ignore[attr-defined]
+                    merged.add(p)
+        # Calls still open in other threads (idle pool workers blocked in SimpleQueue.get) are
+        # closed by snapshot_stats with this thread's clock: meaningless, so dropped.
+        stats: dict = merged.stats  # type: ignore[attr-defined]
+        for key in [k for k in stats if k[2].startswith("<method 'get' of '_queue")]:
+            del stats[key]
+        merged.dump_stats(stats_file)
+
+
+def read_lines(stream: Any, into: queue.Queue[str | None]) -> None:
+    for line in stream:
+        into.put(line)
+    into.put(None)
+
+
+def wait_for(lines: queue.Queue[str | None], prefix: str, timeout: float, who: str) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise SystemExit(f"{who}: no {prefix.strip()!r} line within {timeout:.0f} s") from None
+        if line is None:
+            raise SystemExit(f"{who} exited before printing {prefix.strip()!r}")
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+def plan_seconds_in_process(args: argparse.Namespace) -> float:
+    """Time FedMoEDA.aggregate on the run's shapes (fallback when the coordinator does not
+    report its own aggregate time)."""
+    from common.config import make_config
+    from coordinator.strategies import FedMoEDA, PeerUpdate
+
+    cfg = make_config(
+        peers=args.peers,
+        dataset="synthetic",
+        embed_dim=args.embed_dim,
+        num_experts=args.experts,
+        expert_hidden=8,
+    )
+    schema = model_schema(cfg)
+    rng = np.random.default_rng(0)
+    updates = [
+        PeerUpdate(
+            f"peer-{i}",
+            NUM_SAMPLES,
+            {
+                n: rng.standard_normal(s).astype(np.float32)
+                for n, s in schema.items()
+                if n.startswith(("embedding.", "gate."))
+            },
+        )
+        for i in range(args.peers)
+    ]
+    strategy = FedMoEDA(args.neighbors, cfg.temperature, 1, cfg.intra_peer)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        strategy.aggregate(1, updates)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fedmoe-scale-"))
+    out.mkdir(parents=True, exist_ok=True)
+    token_file = out / "join-token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+
+    coordinator = start_coordinator(args, out, token_file)
+    watch = ProcWatch(coordinator.pid)
+    profiler = None
+    if args.py_spy:  # sample every thread of the coordinator (cProfile sees only one)
+        profiler = subprocess.Popen(
+            [args.py_spy, "record", "--pid", str(coordinator.pid), "--format", "raw"]
+            + [
+                "--rate",
+                "50",
+                "--gil",
+                "--nonblocking",
+                "--output",
+                str(out / "coordinator.pyspy"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(out / "py-spy.log", "w"),
+        )
+    coord_lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=read_lines, args=(coordinator.stdout, coord_lines), daemon=True).start()
+    workers: list[subprocess.Popen] = []
+    try:
+        address = wait_for(coord_lines, LISTENING, 120, "coordinator")
+        procs = max(1, min(args.procs, args.peers))
+        shares = np.array_split(np.arange(args.peers), procs)
+        worker_lines: list[queue.Queue[str | None]] = []
+        for share in shares:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", address]
+            cmd += ["--indices", ",".join(map(str, share)), "--call-timeout"]
+            cmd += [str(args.call_timeout), "--train-seconds", str(args.train_seconds)]
+            w = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "FEDMOE_TOKEN": token},  # never on the command line
+            )
+            workers.append(w)
+            q: queue.Queue[str | None] = queue.Queue()
+            threading.Thread(target=read_lines, args=(w.stdout, q), daemon=True).start()
+            worker_lines.append(q)
+        for k, q in enumerate(worker_lines):
+            wait_for(q, "READY", 300, f"worker {k}")
+        started = time.monotonic()
+        for w in workers:
+            assert w.stdin is not None
+            w.stdin.write("GO\n")
+            w.stdin.flush()
+        results: list[dict[str, Any]] = []
+        for k, q in enumerate(worker_lines):
+            results += json.loads(wait_for(q, "RESULT ", args.run_timeout, f"worker {k}"))
+        finished = time.monotonic()
+        try:
+            coordinator.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            coordinator.terminate()
+            coordinator.wait(timeout=30)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+        if coordinator.poll() is None:
+            coordinator.kill()
+        watch.stop()
+        if profiler is not None:
+            profiler.wait(timeout=60)  # it writes its file once the coordinator is gone
+
+    return summarize(args, out, results, started, finished, watch)
+
+
+def summarize(
+    args: argparse.Namespace,
+    out: Path,
+    results: list[dict[str, Any]],
+    started: float,
+    finished: float,
+    watch: ProcWatch,
+) -> dict[str, Any]:
+    errors = [f"peer-{r['index']}: {r['error']}" for r in results if r["error"]]
+    joined = [r for r in results if r["join_done"]]
+    beats = [x for r in results for x in r["heartbeats_ms"]]
+    close: list[dict[str, Any]] = []
+    for rnd in range(1, args.rounds + 1):
+        per = [r["rounds"][str(rnd)] for r in results if str(rnd) in r["rounds"]]
+        if not per or any("plan" not in t for t in per):
+            continue
+        last_ack = max(t["ack"] for t in per)
+        all_plans = max(t["plan"] for t in per)
+        close.append(
+            {
+                "round": rnd,
+                "close_seconds": round(all_plans - last_ack, 4),
+                # From the start of the last upload: includes the aggregate itself, which the
+                # coordinator computes before it acks the upload that completes the round.
+                "from_last_upload_seconds": round(all_plans - max(t["upload"] for t in per), 4),
+                "uploads_seconds": round(last_ack - min(t["upload"] for t in per), 4),
+                "rows_per_plan": max(int(t.get("rows", 0)) for t in per),
+            }
+        )
+    summary_path = out / "run" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    timings = [t for t in summary.get("round_timings", []) if t.get("sync")]
+    # Inside the coordinator the aggregate shares the GIL with the gRPC threads; the isolated
+    # figure (same shapes, an idle process) tells the strategy's own cost apart from that.
+    isolated = round(plan_seconds_in_process(args), 4)
+    if timings and all("aggregate_seconds" in t for t in timings):
+        plan_seconds = max(t["aggregate_seconds"] for t in timings)
+        source = "coordinator summary.json round_timings: max aggregate_seconds over sync rounds"
+    else:
+        plan_seconds = isolated
+        source = "FedMoEDA.aggregate timed in the benchmark process on the run's shapes"
+    return {
+        "peers": args.peers,
+        "procs": max(1, min(args.procs, args.peers)),
+        "experts": args.experts,
+        "neighbors": args.neighbors,
+        "join_seconds": round(
+            max(r["join_done"] for r in joined) - min(r["join_sent"] for r in joined), 4
+        )
+        if len(joined) == len(results)
+        else None,
+        "heartbeats": len(beats),
+        "heartbeat_p50_ms": percentile(beats, 50),
+        "heartbeat_p99_ms": percentile(beats, 99),
+        "heartbeat_max_ms": round(max(beats), 3) if beats else None,
+        "heartbeat_errors": sum(r["heartbeat_errors"] for r in results),
+        "round_close_seconds": max((c["close_seconds"] for c in close), default=None),
+        "round_close_from_last_upload_seconds": max(
+            (c["from_last_upload_seconds"] for c in close), default=None
+        ),
+        "round_close": close,
+        "plan_seconds": plan_seconds,
+        "plan_seconds_source": source,
+        "plan_seconds_isolated": isolated,
+        "coordinator_rss_mb": round(watch.hwm_kb / 1024, 1),
+        "coordinator_cpu_seconds": round(watch.cpu_seconds, 2),
+        "coordinator_threads_max": watch.threads,
+        "rounds": len(close),
+        "total_seconds": round(finished - started, 3),
+        "train_seconds": args.train_seconds,
+        "status": summary.get("status", "no summary.json"),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        ),
+        "out": str(out),
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 3 and sys.argv[1] == "--profiled-coordinator":  # STATS_FILE -- ARGS
+        sys.exit(profiled_coordinator(sys.argv[2], sys.argv[4:]))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--peers", type=int, default=100)
+    p.add_argument("--procs", type=int, default=4, help="OS processes hosting the peers")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--sync-every", type=int, default=1)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--embed-dim", type=int, default=8)
+    p.add_argument("--neighbors", type=int, default=2)
+    p.add_argument("--round-timeout", type=float, default=600.0)
+    p.add_argument("--peer-timeout", type=float, default=10.0, help="heartbeat every 1/5 of it")
+    p.add_argument(
+        "--train-seconds", type=float, default=3.0, help="simulated local training per round"
+    )
+    p.add_argument("--call-timeout", type=float, default=600.0)
+    p.add_argument("--run-timeout", type=float, default=1800.0)
+    p.add_argument(
+        "--cprofile", action="store_true", help="profile the coordinator (per-thread CPU time)"
+    )
+    p.add_argument(
+        "--coordinator-cmd",
+        default=None,
+        help="command that stands for `python -m fedmoe.cli` (default), for A/B runs",
+    )
+    p.add_argument("--py-spy", default=None, help="py-spy binary: profile the coordinator")
+    p.add_argument("--out", default=None, help="run directory (default: a fresh temp dir)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # coordinator address
+    p.add_argument("--indices", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        indices = [int(i) for i in args.indices.split(",") if i]
+        token = os.environ["FEDMOE_TOKEN"]
+        asyncio.run(worker_main(args.worker, token, indices, args.call_timeout, args.train_seconds))
+        return
+    print(json.dumps(run_bench(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
