@@ -235,9 +235,12 @@ def run_peers(
         )
 
     workers = max(16, SERVER_THREADS_PER_PEER * len(indices))
+    # Calls beyond the pool are refused (RESOURCE_EXHAUSTED) instead of queueing: a flood can
+    # cost a caller's retry, never park every server thread (waits in the store are bounded).
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts"),
         options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=workers,
     )
     service = ExpertExchangeService(hosted=len(indices))
     add_expert_exchange(server, service)

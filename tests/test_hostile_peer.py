@@ -60,6 +60,13 @@ def fetch_status(
     return code, details, time.monotonic() - started
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
 def expert_stub(port: int) -> tuple[grpc.Channel, rpc.ExpertExchangeStub]:
     ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
     return ch, rpc.ExpertExchangeStub(ch)
@@ -106,6 +113,7 @@ def test_far_round_flood_is_refused_at_once_and_the_run_completes(tmp_path: Path
     ch, stub = expert_stub(port)
     try:
         wait_serving(stub)  # peer-0 has joined; the run waits for peers 1 and 2
+        before = rss_mb(c.procs["peer-0"].pid)
         # 20 at once, more than the peer's server threads: each used to park a thread for the
         # whole --timeout, waiting for a plan of a round that never comes.
         request = pb.ExpertRequest(requester_id="peer-1", round=FAR_ROUND, experts=[0])
@@ -114,6 +122,7 @@ def test_far_round_flood_is_refused_at_once_and_the_run_completes(tmp_path: Path
         for code, details, seconds in answers:
             assert code == grpc.StatusCode.NOT_FOUND, (code, details)
             assert seconds < 1.5, seconds
+        assert rss_mb(c.procs["peer-0"].pid) - before < 30  # nothing held per refused call
         c.start_peer(1)
         c.start_peer(2)
         assert_completed(c, 3)  # peer-0 serves its experts to both: its threads are free
@@ -132,12 +141,15 @@ def test_huge_requester_ids_do_not_flood_the_log(tmp_path: Path) -> None:
     try:
         wait_serving(stub)  # peer-0 has joined; the run waits for peer-1
         before = log.stat().st_size
+        memory = rss_mb(c.procs["peer-0"].pid)
         huge = "A" * (4 << 20)
         for round_ in range(25):
             request = pb.ExpertRequest(requester_id=huge, round=round_ % 3, experts=[0])
             code, details, seconds = fetch_status(stub, request, 30.0)
             assert code == grpc.StatusCode.PERMISSION_DENIED, (code, details[:200])
             assert details == DENIED and seconds < 10
+        # 100 MB of names went in; what stays is at most a few of gRPC's reusable buffers
+        assert rss_mb(c.procs["peer-0"].pid) - memory < 40
         c.start_peer(1)
         assert_completed(c, 2)
         grown = log.stat().st_size - before
