@@ -235,12 +235,13 @@ def run_peers(
         )
 
     workers = max(16, SERVER_THREADS_PER_PEER * len(indices))
-    # Calls beyond the pool are refused (RESOURCE_EXHAUSTED) instead of queueing: a flood can
-    # cost a caller's retry, never park every server thread (waits in the store are bounded).
+    # Calls queue for a thread up to 4x the pool (honest fan-in: every requester of a sync round
+    # at once), beyond that they are refused (RESOURCE_EXHAUSTED): a flood is bounded in memory,
+    # and it cannot park the threads either (waits in the store end with the caller's deadline).
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts"),
         options=SERVER_OPTIONS,
-        maximum_concurrent_rpcs=workers,
+        maximum_concurrent_rpcs=4 * workers,
     )
     service = ExpertExchangeService(hosted=len(indices))
     add_expert_exchange(server, service)
