@@ -84,6 +84,7 @@ def main() -> int:
     peak_total = 0
     peak: dict[int, int] = {}
     roles: dict[int, str] = {}
+    out.mkdir(parents=True, exist_ok=True)
     log = open(out / "bench-memory.log", "w")
 
     def relay() -> None:  # keep the launcher's output flowing; show round lines as progress
