@@ -229,6 +229,24 @@ class RoundBook:
                 )
         return view
 
+    def reported_to(self, source: str, round_: int) -> list[str]:
+        """Of the members `source` serves in `round_`, those done with it (see `reported`)."""
+        closed = self.closed.get(round_)
+        requesters = closed.orders.get(source, {}) if closed else {}
+        if not requesters:
+            return []
+        done = set(self.reported(round_))
+        return [p for p in sorted(requesters) if p in done]
+
+    def left(self) -> list[str]:
+        """Members no longer alive (silent past peer_timeout); usually none."""
+        view = self._views.get(("left",))  # lock-free when built, like alive()
+        if view is None:
+            with self._cv:
+                alive = set(self.membership.alive())
+                view = self._views[("left",)] = sorted(set(self.members) - alive)
+        return view
+
     def alive(self) -> list[str]:
         view = self._views.get(("alive",))  # lock-free when built
         if view is None:

@@ -209,9 +209,9 @@ class CoordinatorService(rpc.CoordinatorServicer):
             self.told_finished.add(member.peer_id)
         reply = pb.HeartbeatReply(
             open_round=self.book.open_round,
-            alive=self.book.alive(),
             run_finished=self.book.finished,
-            reported=self.book.reported(request.round),
+            reported=self.book.reported_to(member.peer_id, request.round),
+            left=self.book.left(),
         )
         self.counter.message(request.round, "coordinator", "received", request)
         self.counter.message(request.round, "coordinator", "sent", reply)

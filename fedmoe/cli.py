@@ -189,6 +189,24 @@ def config_from_args(args: argparse.Namespace):  # -> pb.RunConfig
     )
 
 
+def check_local_data(cfg) -> None:  # type: ignore[no-untyped-def]
+    """`fedmoe local` has every peer's data on this machine: check that it is there and that
+    the split works (each peer would otherwise find out only after it joined)."""
+    from pathlib import Path
+
+    from common.data import DataError, load_peer_data
+
+    if cfg.dataset == "cifar10":
+        if not cfg.data_dir:
+            raise ConfigError("--dataset cifar10 needs --data-dir DIR (DIR/cifar-10-batches-py/)")
+        if not (Path(cfg.data_dir) / "cifar-10-batches-py").is_dir():
+            return  # the peers may download it where the network allows; they say if not
+    try:
+        load_peer_data(cfg.dataset, cfg.data_dir or None, cfg.peers, 0, cfg.alpha, cfg.seed)
+    except DataError as e:
+        raise ConfigError(str(e)) from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmoe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -303,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "local":
             from fedmoe.local import run_local
 
-            config_from_args(args)  # refuse a bad configuration before starting anything
+            # Refuse a bad configuration, or data that cannot be split, before starting anything.
+            check_local_data(config_from_args(args))
             return run_local(args, sys.argv[2:] if argv is None else argv[1:])
         if args.command == "certs":
             from common.tls import make_certs

@@ -152,6 +152,16 @@ class ExpertStore:
                     del orders[peer]
             self._cv.notify_all()
 
+    def void(self, gone: set[str]) -> None:
+        """Void the orders of these peers (they left the run): nobody waits for them any more."""
+        if not gone:
+            return
+        with self._cv:
+            for orders in self._orders.values():
+                for peer in gone & set(orders):
+                    del orders[peer]
+            self._cv.notify_all()
+
     def release(self, round_: int, peers: set[str]) -> None:
         """These peers are done with `round_` (they reported it): stop waiting for them."""
         with self._cv:

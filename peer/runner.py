@@ -238,7 +238,7 @@ class PeerRunner:
             self._last_reply, self._unreachable_since = time.monotonic(), None
             if reply.run_finished:
                 self._finished.set()
-            self.store.retain(set(reply.alive))
+            self.store.void(set(reply.left))
             self.store.release(round_, set(reply.reported))
 
     # ------------------------------------------------------------------ one round

@@ -306,16 +306,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("open_round", "alive", "run_finished", "reported")
+    __slots__ = ("open_round", "run_finished", "reported", "left")
     OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
-    ALIVE_FIELD_NUMBER: _ClassVar[int]
     RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
     REPORTED_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
     open_round: int
-    alive: _containers.RepeatedScalarFieldContainer[str]
     run_finished: bool
     reported: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, open_round: _Optional[int] = ..., alive: _Optional[_Iterable[str]] = ..., run_finished: _Optional[bool] = ..., reported: _Optional[_Iterable[str]] = ...) -> None: ...
+    left: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, open_round: _Optional[int] = ..., run_finished: _Optional[bool] = ..., reported: _Optional[_Iterable[str]] = ..., left: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LatestRequest(_message.Message):
     __slots__ = ("peer_id", "round", "after_round")
