@@ -358,3 +358,68 @@ def test_bounded_state_under_rejoin_floods_and_bad_addresses(tmp_path: Path) -> 
         assert "h" * 200 not in log and len(log) < 2_000_000
     finally:
         c.stop()
+
+
+def test_a_member_serving_poisoned_experts_is_dropped_by_every_fetcher(tmp_path: Path) -> None:
+    """A member plans normally but serves NaN experts: every honest peer refuses them at the
+    first tensor, drops the source, renormalises Eq. 10 over the rest and completes the run."""
+    from concurrent import futures
+
+    from common.grpc_options import SERVER_OPTIONS
+
+    run = [*FAST, "--rounds", "3", "--min-peers", "3", "--aggregation", "median"]
+    run += ["--neighbors", "50"]  # every row keeps the whole pool: all fetch from the attacker
+    c = Cluster(tmp_path, 3, run, token=TOKEN)
+    c.start_coordinator()
+    schema: dict[str, tuple[int, ...]] = {}
+    served = []
+
+    def poisoned(request: pb.ExpertRequest, context: grpc.ServicerContext):  # type: ignore[no-untyped-def]
+        served.append(request.requester_id)
+        arrays = {
+            n: np.full(shape, np.nan, np.float32)
+            for m in request.experts
+            for n, shape in schema.items()
+            if n.startswith(f"experts.{m}.")
+        }
+        yield from chunk_tensors([numpy_to_wire(n, a) for n, a in arrays.items()], 1 << 20)
+
+    handler = grpc.method_handlers_generic_handler(
+        "fedmoe.v1.ExpertExchange",
+        {
+            "FetchExperts": grpc.unary_stream_rpc_method_handler(
+                poisoned,
+                request_deserializer=pb.ExpertRequest.FromString,
+                response_serializer=pb.TensorChunk.SerializeToString,
+            )
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stop = threading.Event()
+    try:
+        bad = Member(c.address, 0, advertise=f"127.0.0.1:{port}")
+        cfg = bad.join().config
+        schema.update(model_schema(cfg))
+        bad.keep_alive(stop)
+        c.start_peer(1)
+        c.start_peer(2)
+        for r in range(1, cfg.rounds + 1):
+            bad.upload(r, {n: np.zeros(s, np.float32) for n, s in bad.shapes(r).items()}, 600)
+            bad.result(r)
+            done = threading.Thread(target=bad.report, args=(r,), kwargs={"accuracy": 0.5})
+            done.start()  # the last round's report is held until everyone reported
+        s = completed_with(c, [1, 2])
+        assert set(served) == {"peer-1", "peer-2"}  # both did ask it, and refused what came
+        for k in (1, 2):
+            log = c.log_text(f"peer-{k}")
+            assert "dropped source peer-0" in log and "NaN" in log
+            accuracy = s["final_accuracy_by_peer"][f"peer-{k}"]
+            assert math.isfinite(accuracy) and accuracy > 0.2, s["final_accuracy_by_peer"]
+        done.join(60)
+    finally:
+        stop.set()
+        server.stop(0)
+        c.stop()
