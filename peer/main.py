@@ -40,6 +40,12 @@ from peer.trainer import COMPUTE_LOCK, LocalTrainer, build_model
 log = logging.getLogger("fedmoe.peer")
 
 WILDCARDS = {"0.0.0.0", "::", ""}
+# The expert server only ever receives ExpertRequest messages (ids, a ticket, expert numbers:
+# well under 1 KiB). Refusing larger ones in gRPC itself makes a 4 MiB request cheap to refuse.
+MAX_EXPERT_REQUEST_BYTES = 64 << 10
+EXPERT_SERVER_OPTIONS = [
+    (k, v) for k, v in SERVER_OPTIONS if k != "grpc.max_receive_message_length"
+] + [("grpc.max_receive_message_length", MAX_EXPERT_REQUEST_BYTES)]
 # Server threads per hosted peer: each holds a fetch while it waits for its plan or streams.
 SERVER_THREADS_PER_PEER = 8
 
@@ -240,7 +246,7 @@ def run_peers(
     # and it cannot park the threads either (waits in the store end with the caller's deadline).
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts"),
-        options=SERVER_OPTIONS,
+        options=EXPERT_SERVER_OPTIONS,
         maximum_concurrent_rpcs=4 * workers,
     )
     service = ExpertExchangeService(hosted=len(indices))
