@@ -11,6 +11,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from common.atomic import atomic_write_bytes
+
 TOKEN_METADATA = "x-fedmoe-token"
 SESSION_METADATA = "x-fedmoe-session"
 TOKEN_ENV = "FEDMOE_TOKEN"
@@ -42,9 +44,7 @@ def load_token(token_file: str | Path | None) -> str | None:
 
 
 def new_token_file(path: Path) -> str:
-    """Create a random token, readable by the owner only."""
+    """Create a random token, readable by the owner only (also when `path` existed before)."""
     token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    atomic_write_bytes(path, (token + "\n").encode(), mode=0o600)
     return token

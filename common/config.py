@@ -1,15 +1,18 @@
 """The run configuration: defaults, validation and conversions of the `RunConfig` message.
 
 The coordinator builds it from its command line and hands it to every peer on join, so a peer
-needs no flags beyond where to connect.
+needs no flags beyond where to connect. Every run option is declared once, in OPTIONS below.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 
 from common.proto import pb
@@ -21,122 +24,346 @@ ALGORITHMS: dict[str, int] = {
 }
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
 EXPERT_WIRE_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
-
-# Defaults. P, tau and I come from a sweep on the CIFAR-10 subset (README, "Choosing P, tau, I").
-DEFAULTS: dict[str, Any] = {
-    "algorithm": "fedmoe-da",
-    "peers": 4,
-    "rounds": 10,
-    "seed": 0,
-    "dataset": "digits",
-    "data_dir": "",
-    "alpha": 0.5,
-    "embed_dim": 256,
-    "num_experts": 8,
-    "top_k": 2,
-    "expert_hidden": 256,
-    "balance_coef": 0.01,
-    "local_epochs": 1,
-    "batch_size": 32,
-    "lr": 0.05,
-    "momentum": 0.9,
-    "neighbors": 2,
-    "temperature": 0.1,
-    "sync_every": 2,
-    "intra_peer": True,
-    "chunk_bytes": 1 << 20,
-    "expert_wire_dtype": "float32",
-    "min_peers": 0,  # 0: a majority of --peers
-    "round_timeout": 1800.0,
-    "peer_timeout": 20.0,
-    "clients_per_round": 0,  # 0: every member takes part in every round (the paper's Algorithm 1)
-    "aggregation": "mean",
-    "trim_fraction": 0.2,
-    "clip_norm": 0.0,  # 0: off
-    "max_tensor_norm": 1e4,  # far above any honest tensor of these models (README, reliability)
-}
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
+
+
+def _datasets() -> tuple[str, ...]:
+    from common.data import DATASETS  # late: keeps this module light for the wire layer
+
+    return tuple(DATASETS)
+
+
+Check = Callable[[Any, pb.RunConfig], bool]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run option: a field of the RunConfig message, its flag, default and rule.
+
+    The table below is the only place a run option is declared: DEFAULTS, make_config's type
+    and range checks, validate(), the flags of `fedmoe coordinator` and `fedmoe local`
+    (fedmoe/cli.py), the coordinator command line `fedmoe local` builds (config_to_argv) and
+    config.json (config_to_dict) all come from it. tests/test_config.py checks it against the
+    proto. A new option: a field in protos/fedmoe.proto and a row here.
+    """
+
+    key: str  # the RunConfig field
+    flag: str  # its command-line flag; a bool option's flag sets it to `not default`
+    type: type  # what the flag parses to: int (an unsigned field), float, str or bool
+    default: Any
+    help: str
+    check: Check | None = None  # value, whole config -> ok? (besides choices and type range)
+    rule: str = ""  # what `check` demands, after the flag in the error message
+    # allowed values on the command line: a tuple, or a function giving it (imported late)
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()
+    enum: Mapping[str, int] | None = None  # command-line names -> values of a proto enum field
+
+    def allowed(self) -> tuple[str, ...]:
+        if self.enum is not None:
+            return tuple(sorted(self.enum))
+        return self.choices() if callable(self.choices) else self.choices
+
+    def max_value(self) -> int | None:
+        """The largest value an int option's proto field holds (None: not an int option)."""
+        if self.type is not int:
+            return None
+        field_type = pb.RunConfig.DESCRIPTOR.fields_by_name[self.key].type
+        return (1 << 64) - 1 if field_type == FieldDescriptor.TYPE_UINT64 else (1 << 32) - 1
+
+    def name_of(self, value: Any) -> Any:
+        """A field value as the command line and config.json spell it (an enum's name)."""
+        if self.enum is None:
+            return value
+        return {v: k for k, v in self.enum.items()}.get(value, "unknown")
+
+    def problem(self, cfg: pb.RunConfig) -> str | None:
+        """Why this option's value in `cfg` cannot run (None: it can), naming the flag."""
+        value = getattr(cfg, self.key)
+        if self.enum is not None and value not in self.enum.values():
+            return f"{self.flag} must be one of {', '.join(self.allowed())}"
+        if self.enum is None and self.choices and value not in self.allowed():
+            return f"{self.flag} must be one of {', '.join(self.allowed())}"
+        if self.check is not None and not self.check(value, cfg):
+            return f"{self.flag} {self.rule}"
+        return None
+
+
+def _between(lo: float, hi: float) -> Check:
+    return lambda v, _: lo <= v <= hi
+
+
+def _at_least(lo: float) -> Check:
+    return lambda v, _: v >= lo
+
+
+def _positive(v: Any, _: pb.RunConfig) -> bool:
+    return bool(v > 0)
+
+
+# In the order of the RunConfig fields. P, tau and I come from a sweep on the CIFAR-10 subset
+# (README, "Choosing P, tau, I").
+OPTIONS: tuple[Option, ...] = (
+    Option("algorithm", "--algorithm", str, "fedmoe-da", "training algorithm", enum=ALGORITHMS),
+    Option(
+        "peers", "--peers", int, 4, "number of peers N", _between(1, 1024), "must be in [1, 1024]"
+    ),
+    Option("rounds", "--rounds", int, 10, "training rounds R", _at_least(1), "must be at least 1"),
+    Option("seed", "--seed", int, 0, "seed of the data split and the model initialisation"),
+    # data
+    Option("dataset", "--dataset", str, "digits", "dataset", choices=_datasets),
+    Option("data_dir", "--data-dir", str, "", "dataset root (cifar10: holds cifar-10-batches-py/)"),
+    Option(
+        "alpha",
+        "--alpha",
+        float,
+        0.5,
+        "Dirichlet concentration of the label split (smaller = more skewed)",
+        _positive,
+        "must be positive",
+    ),
+    # model
+    Option("embed_dim", "--embed-dim", int, 256, "embedding size d", _positive, "must be positive"),
+    Option("num_experts", "--experts", int, 8, "experts per peer M", _positive, "must be positive"),
+    Option(
+        "top_k",
+        "--top-k",
+        int,
+        2,
+        "experts used per sample",
+        lambda v, cfg: 1 <= v <= cfg.num_experts,
+        "must be between 1 and --experts",
+    ),
+    Option(
+        "expert_hidden",
+        "--expert-hidden",
+        int,
+        256,
+        "hidden width of each expert MLP",
+        _positive,
+        "must be positive",
+    ),
+    Option(
+        "balance_coef",
+        "--balance-coef",
+        float,
+        0.01,
+        "weight of the load-balancing loss (0 = off)",
+        _at_least(0),
+        "must be non-negative",
+    ),
+    # local training
+    Option(
+        "local_epochs",
+        "--local-epochs",
+        int,
+        1,
+        "local epochs per round E",
+        _at_least(1),
+        "must be at least 1",
+    ),
+    Option(
+        "batch_size",
+        "--batch-size",
+        int,
+        32,
+        "local mini-batch size",
+        _at_least(1),
+        "must be at least 1",
+    ),
+    Option("lr", "--lr", float, 0.05, "SGD learning rate", _positive, "must be positive"),
+    Option(
+        "momentum",
+        "--momentum",
+        float,
+        0.9,
+        "SGD momentum",
+        lambda v, _: 0 <= v < 1,
+        "must be in [0, 1)",
+    ),
+    # FedMoE-DA (Eq. 8-11)
+    Option(
+        "neighbors",
+        "--neighbors",
+        int,
+        2,
+        "P: experts kept besides itself in Eq. 9 (0 = no aggregation)",
+    ),
+    Option(
+        "temperature",
+        "--temperature",
+        float,
+        0.1,
+        "tau of the Eq. 10 softmax",
+        _positive,
+        "must be positive",
+    ),
+    Option(
+        "sync_every",
+        "--sync-every",
+        int,
+        2,
+        "I: aggregate experts every I rounds",
+        _at_least(1),
+        "must be at least 1",
+    ),
+    Option(
+        "intra_peer",
+        "--no-intra-peer",
+        bool,
+        True,
+        "ablation: plans never mix a peer's own other experts",
+    ),
+    # transport
+    Option(
+        "chunk_bytes",
+        "--chunk-bytes",
+        int,
+        1 << 20,
+        "tensor chunk size on the wire",
+        _between(4096, 4 << 20),
+        "must be in [4 KiB, 4 MiB]",
+    ),
+    Option(
+        "expert_wire_dtype",
+        "--expert-wire-dtype",
+        str,
+        "float32",
+        "dtype of the experts peers exchange",
+        enum=EXPERT_WIRE_DTYPES,
+    ),
+    # fault tolerance
+    Option(
+        "min_peers",
+        "--min-peers",
+        int,
+        0,  # 0: a majority of the round's members (make_config fills it in)
+        "quorum that may close a round at its deadline (default: majority)",
+        lambda v, cfg: 1 <= v <= round_size(cfg),
+        "must be between 1 and --peers (or --clients-per-round)",
+    ),
+    Option(
+        "round_timeout",
+        "--round-timeout",
+        float,
+        1800.0,
+        "seconds before a round closes with a quorum",
+        _positive,
+        "must be positive",
+    ),
+    Option(
+        "peer_timeout",
+        "--peer-timeout",
+        float,
+        20.0,
+        "seconds of silence before a peer is left out",
+        _positive,
+        "must be positive",
+    ),
+    # scale
+    Option(
+        "clients_per_round",
+        "--clients-per-round",
+        int,
+        0,  # 0: every member takes part in every round (the paper's Algorithm 1)
+        "C: peers sampled per round, seeded (0 = all, the paper's setting)",
+        lambda v, cfg: v <= cfg.peers,
+        "must be at most --peers",
+    ),
+    # robustness
+    Option(
+        "aggregation",
+        "--aggregation",
+        str,
+        "mean",
+        "how the coordinator combines embedding uploads (mean: FedAvg)",
+        choices=AGGREGATIONS,
+    ),
+    Option(
+        "trim_fraction",
+        "--trim-fraction",
+        float,
+        0.2,
+        "trimmed-mean: fraction cut at each end",
+        lambda v, _: 0 <= v < 0.5,
+        "must be in [0, 0.5)",
+    ),
+    Option(
+        "clip_norm",
+        "--clip-norm",
+        float,
+        0.0,  # 0: off
+        "clip each embedding upload's change to this L2 norm (0 = off)",
+        _at_least(0),
+        "must be non-negative (0 = off)",
+    ),
+    Option(
+        "max_tensor_norm",
+        "--max-tensor-norm",
+        float,
+        1e4,  # far above any honest tensor of these models (README, reliability)
+        "refuse any received tensor with a larger L2 norm (or NaN/Inf)",
+        _positive,
+        "must be positive",
+    ),
+)
+OPTION_BY_KEY = {o.key: o for o in OPTIONS}
+DEFAULTS: dict[str, Any] = {o.key: o.default for o in OPTIONS}
 
 
 class ConfigError(ValueError):
     pass
 
 
+def _wire_value(option: Option, value: Any) -> tuple[Any, str | None]:
+    """A Python value of `option` as its RunConfig field holds it, or the reason it cannot be."""
+    if option.enum is not None:
+        if value not in option.enum:
+            return None, f"{option.flag} must be one of {', '.join(option.allowed())}"
+        return option.enum[value], None
+    if option.type is bool:
+        return (value, None) if isinstance(value, bool) else (None, f"{option.flag} is on or off")
+    if option.type is str:
+        return (value, None) if isinstance(value, str) else (None, f"{option.flag} is a string")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"{option.flag} must be a number"
+    if option.type is float:
+        return float(value), None
+    if value != int(value):
+        return None, f"{option.flag} must be a whole number"
+    highest = option.max_value()
+    assert highest is not None
+    if value < 0:
+        return None, f"{option.flag} must not be negative"
+    if value > highest:
+        return None, f"{option.flag} must be at most {highest}"
+    return int(value), None
+
+
 def make_config(**overrides: Any) -> pb.RunConfig:
-    values = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
-    unknown = set(values) - set(DEFAULTS)
+    """A validated RunConfig from option values (keys of OPTIONS; None: the default)."""
+    unknown = set(overrides) - set(OPTION_BY_KEY)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {sorted(unknown)}")
-    if values["algorithm"] not in ALGORITHMS:
-        raise ConfigError(
-            f"unknown algorithm {values['algorithm']!r}; choose one of {sorted(ALGORITHMS)}"
-        )
-    if values["expert_wire_dtype"] not in EXPERT_WIRE_DTYPES:
-        raise ConfigError(f"expert wire dtype must be one of {sorted(EXPERT_WIRE_DTYPES)}")
-    negative = sorted(
-        k
-        for k, v in values.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0
-    )
-    if negative:
-        flags = ", ".join("--" + k.replace("_", "-") for k in negative)
-        raise ConfigError(f"invalid run configuration: {flags} must not be negative")
-    if not values["min_peers"]:
-        per_round = values["clients_per_round"] or values["peers"]
-        values["min_peers"] = min(per_round, values["peers"]) // 2 + 1
-    cfg = pb.RunConfig(
-        run_id=uuid.uuid4().hex[:12],
-        algorithm=ALGORITHMS[values.pop("algorithm")],  # type: ignore[arg-type]
-        expert_wire_dtype=EXPERT_WIRE_DTYPES[values.pop("expert_wire_dtype")],  # type: ignore[arg-type]
-        **values,
-    )
+    values = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    fields: dict[str, Any] = {}
+    errors = []
+    for option in OPTIONS:
+        fields[option.key], error = _wire_value(option, values[option.key])
+        if error:
+            errors.append(error)
+    if errors:
+        raise ConfigError("invalid run configuration: " + "; ".join(errors))
+    if not fields["min_peers"]:
+        per_round = fields["clients_per_round"] or fields["peers"]
+        fields["min_peers"] = min(per_round, fields["peers"]) // 2 + 1
+    cfg = pb.RunConfig(run_id=uuid.uuid4().hex[:12], **fields)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: pb.RunConfig) -> None:
     """Refuse configurations that cannot run, with the flag to fix in the message."""
-    from common.data import DATASETS  # local: keeps this module light for the wire layer
-
-    checks = [
-        (cfg.algorithm in ALGORITHM_NAMES, "unknown algorithm"),
-        (cfg.peers >= 1, "--peers must be at least 1"),
-        (cfg.peers <= 1024, "--peers must be at most 1024"),
-        (cfg.rounds >= 1, "--rounds must be at least 1"),
-        (cfg.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}"),
-        (cfg.alpha > 0, "--alpha must be positive"),
-        (cfg.embed_dim >= 1, "--embed-dim must be positive"),
-        (cfg.num_experts >= 1, "--experts must be positive"),
-        (1 <= cfg.top_k <= cfg.num_experts, "--top-k must be between 1 and --experts"),
-        (cfg.expert_hidden >= 1, "--expert-hidden must be positive"),
-        (cfg.balance_coef >= 0, "--balance-coef must be non-negative"),
-        (cfg.local_epochs >= 1, "--local-epochs must be at least 1"),
-        (cfg.batch_size >= 1, "--batch-size must be at least 1"),
-        (cfg.lr > 0, "--lr must be positive"),
-        (0 <= cfg.momentum < 1, "--momentum must be in [0, 1)"),
-        (cfg.temperature > 0, "--temperature must be positive"),
-        (cfg.sync_every >= 1, "--sync-every must be at least 1"),
-        (4096 <= cfg.chunk_bytes <= (4 << 20), "--chunk-bytes must be in [4 KiB, 4 MiB]"),
-        (
-            1 <= cfg.min_peers <= round_size(cfg),
-            "--min-peers must be between 1 and --peers (or --clients-per-round)",
-        ),
-        (cfg.clients_per_round <= cfg.peers, "--clients-per-round must be at most --peers"),
-        (
-            cfg.aggregation in AGGREGATIONS,
-            f"--aggregation must be one of {', '.join(AGGREGATIONS)}",
-        ),
-        (0 <= cfg.trim_fraction < 0.5, "--trim-fraction must be in [0, 0.5)"),
-        (cfg.clip_norm >= 0, "--clip-norm must be non-negative (0 = off)"),
-        (cfg.max_tensor_norm > 0, "--max-tensor-norm must be positive"),
-        (cfg.round_timeout > 0, "--round-timeout must be positive"),
-        (cfg.peer_timeout > 0, "--peer-timeout must be positive"),
-        (
-            cfg.expert_wire_dtype in EXPERT_WIRE_DTYPES.values(),
-            "expert wire dtype must be float32, float16 or bfloat16",
-        ),
-    ]
-    errors = [msg for ok, msg in checks if not ok]
+    errors = [e for e in (option.problem(cfg) for option in OPTIONS) if e is not None]
     if errors:
         raise ConfigError("invalid run configuration: " + "; ".join(errors))
 
@@ -151,16 +378,30 @@ def is_sync_round(cfg: pb.RunConfig, round_: int) -> bool:
 
 
 def config_to_dict(cfg: pb.RunConfig) -> dict[str, Any]:
+    """config.json: every option by its key, enums by name (and the run id)."""
     out = MessageToDict(
         cfg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    out["algorithm"] = ALGORITHM_NAMES.get(cfg.algorithm, "unknown")
-    out["expert_wire_dtype"] = {v: k for k, v in EXPERT_WIRE_DTYPES.items()}.get(
-        cfg.expert_wire_dtype, "unknown"
-    )
-    for key in ("peers", "rounds", "seed", "chunk_bytes", "min_peers", "clients_per_round"):
-        out[key] = int(out[key])
+    for option in OPTIONS:
+        if option.enum is not None:
+            out[option.key] = option.name_of(getattr(cfg, option.key))
+        elif option.type is int:  # MessageToDict writes 64-bit integers as strings
+            out[option.key] = int(out[option.key])
     return out
+
+
+def config_to_argv(cfg: pb.RunConfig) -> list[str]:
+    """The flags that give `cfg` again (all but the run id): what `fedmoe local` hands its
+    coordinator, so that it runs exactly the configuration the launcher checked."""
+    argv: list[str] = []
+    for option in OPTIONS:
+        value = getattr(cfg, option.key)
+        if option.type is bool:
+            if value != option.default:
+                argv.append(option.flag)
+        else:
+            argv += [option.flag, str(option.name_of(value))]
+    return argv
 
 
 def round_size(cfg: pb.RunConfig) -> int:

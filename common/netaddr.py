@@ -9,11 +9,31 @@ from collections.abc import Sequence
 from common.logsafe import clip
 
 
+def _parse_host_port(address: str) -> tuple[str, int, bool]:
+    """The one parser of HOST:PORT and [IPv6]:PORT: (host without brackets, port, bracketed).
+
+    ValueError's message follows the (clipped) address: "'x' is not HOST:PORT".
+    """
+    bracketed = address.startswith("[")
+    if bracketed:
+        end = address.find("]")
+        if end < 0 or not address[end + 1 :].startswith(":"):
+            raise ValueError(f"{clip(address)} is not [IPv6]:PORT")
+        host, port_text = address[1:end], address[end + 2 :]
+    else:
+        host, _, port_text = address.rpartition(":")
+    if not host or not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+        raise ValueError(f"{clip(address)} is not HOST:PORT")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{clip(address)}: port must be at most 65535")
+    return host, port, bracketed
+
+
 def split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"{address!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    """HOST:PORT or [IPv6]:PORT -> (host without brackets, port in 0..65535); ValueError if not."""
+    host, port, _ = _parse_host_port(address)
+    return host, port
 
 
 def is_loopback_listen(address: str) -> bool:
@@ -93,19 +113,12 @@ def check_advertise(address: str, allow: Sequence[Network] = ()) -> str:
     bad = f"advertise address {clip(address)}"
     if not _ADDRESS_CHARS.fullmatch(address):
         raise ValueError(f"{bad} is not HOST:PORT (no scheme, path, user or spaces)")
-    if address.startswith("["):
-        end = address.find("]")
-        host, rest = address[1:end], address[end + 1 :]
-        if end < 0 or not rest.startswith(":"):
-            raise ValueError(f"{bad} is not [IPv6]:PORT")
-        port_text = rest[1:]
-    else:
-        host, _, port_text = address.rpartition(":")
-        if ":" in host:
-            raise ValueError(f"{bad}: write an IPv6 address in brackets, [ADDR]:PORT")
-    if not host or not port_text.isdigit() or len(port_text) > 5:
-        raise ValueError(f"{bad} is not HOST:PORT")
-    port = int(port_text)
+    try:
+        host, port, bracketed = _parse_host_port(address)
+    except ValueError as e:
+        raise ValueError(f"advertise address {e}") from None
+    if not bracketed and ":" in host:
+        raise ValueError(f"{bad}: write an IPv6 address in brackets, [ADDR]:PORT")
     if not 1 <= port <= 65535:
         raise ValueError(f"{bad}: port must be 1..65535")
 
@@ -114,7 +127,6 @@ def check_advertise(address: str, allow: Sequence[Network] = ()) -> str:
         ip = ipaddress.ip_address(host)
     except ValueError:
         ip = None
-    bracketed = address.startswith("[")
     if bracketed != isinstance(ip, ipaddress.IPv6Address):
         raise ValueError(f"{bad}: brackets hold an IPv6 address, and only one: [ADDR]:PORT")
     if ip is None:

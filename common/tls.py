@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from common.atomic import atomic_write_bytes
 from common.logsafe import clip
 
 # A node name becomes a file name (NAME.crt) and a certificate's common name: nothing that could
@@ -101,9 +101,7 @@ def make_certs(out: Path, nodes: list[str], hosts: list[str], days: int = 30) ->
     written: list[Path] = []
 
     def write(path: Path, data: bytes, private: bool) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        atomic_write_bytes(path, data, mode=0o600 if private else 0o644)
         written.append(path)
 
     def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

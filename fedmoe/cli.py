@@ -8,99 +8,57 @@ import re
 import sys
 from pathlib import Path
 
-from common.config import (
-    AGGREGATIONS,
-    ALGORITHMS,
-    DEFAULTS,
-    EXPERT_WIRE_DTYPES,
-    ConfigError,
-    make_config,
-)
-from common.data import DATASETS
+from common.config import OPTIONS, ConfigError, Option, make_config
 
-# Run flags: (flag, config key, type, help). Shared by `coordinator` and `local`.
-RUN_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--rounds", "rounds", int, "training rounds R"),
-    ("--seed", "seed", int, "seed of the data split and the model initialisation"),
-    (
-        "--alpha",
-        "alpha",
-        float,
-        "Dirichlet concentration of the label split (smaller = more skewed)",
-    ),
-    ("--embed-dim", "embed_dim", int, "embedding size d"),
-    ("--experts", "num_experts", int, "experts per peer M"),
-    ("--top-k", "top_k", int, "experts used per sample"),
-    ("--expert-hidden", "expert_hidden", int, "hidden width of each expert MLP"),
-    ("--balance-coef", "balance_coef", float, "weight of the load-balancing loss (0 = off)"),
-    ("--local-epochs", "local_epochs", int, "local epochs per round E"),
-    ("--batch-size", "batch_size", int, "local mini-batch size"),
-    ("--lr", "lr", float, "SGD learning rate"),
-    ("--momentum", "momentum", float, "SGD momentum"),
-    (
-        "--neighbors",
-        "neighbors",
-        int,
-        "P: experts kept besides itself in Eq. 9 (0 = no aggregation)",
-    ),
-    ("--temperature", "temperature", float, "tau of the Eq. 10 softmax"),
-    ("--sync-every", "sync_every", int, "I: aggregate experts every I rounds"),
-    ("--chunk-bytes", "chunk_bytes", int, "tensor chunk size on the wire"),
-    (
-        "--min-peers",
-        "min_peers",
-        int,
-        "quorum that may close a round at its deadline (default: majority)",
-    ),
-    ("--round-timeout", "round_timeout", float, "seconds before a round closes with a quorum"),
-    ("--peer-timeout", "peer_timeout", float, "seconds of silence before a peer is left out"),
-    (
-        "--clients-per-round",
-        "clients_per_round",
-        int,
-        "C: peers sampled per round, seeded (0 = all, the paper's setting)",
-    ),
-    ("--trim-fraction", "trim_fraction", float, "trimmed-mean: fraction cut at each end"),
-    (
-        "--clip-norm",
-        "clip_norm",
-        float,
-        "clip each embedding upload's change to this L2 norm (0 = off)",
-    ),
-    (
-        "--max-tensor-norm",
-        "max_tensor_norm",
-        float,
-        "refuse any received tensor with a larger L2 norm (or NaN/Inf)",
-    ),
-]
+
+def _flag_type(option: Option):  # type: ignore[no-untyped-def]
+    """How a run flag's text becomes its value: ints within their proto field's range, so that
+    a value the wire cannot carry is a flag error (`--neighbors -1`), not a traceback."""
+    if option.type is not int:
+        return option.type
+    highest = option.max_value()
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative (got {value})")
+        if highest is not None and value > highest:
+            raise argparse.ArgumentTypeError(f"must be at most {highest} (got {value})")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--peers", type=int, default=DEFAULTS["peers"], help="number of peers N")
-    p.add_argument("--algorithm", choices=sorted(ALGORITHMS), default=DEFAULTS["algorithm"])
-    p.add_argument("--dataset", choices=DATASETS, default=DEFAULTS["dataset"])
-    p.add_argument(
-        "--data-dir", default=None, help="dataset root (cifar10: holds cifar-10-batches-py/)"
-    )
-    for flag, key, kind, text in RUN_FLAGS:
+    """The run options (common/config.py OPTIONS) as flags, shared by `coordinator` and `local`.
+
+    Every flag defaults to None, "not given": make_config fills in the defaults."""
+    for option in OPTIONS:
+        if option.type is bool:
+            p.add_argument(
+                option.flag,
+                dest=option.key,
+                action="store_const",
+                const=not option.default,
+                default=None,
+                help=option.help,
+            )
+            continue
         p.add_argument(
-            flag, dest=key, type=kind, default=None, help=f"{text} (default {DEFAULTS[key]})"
+            option.flag,
+            dest=option.key,
+            type=_flag_type(option),
+            metavar=None if option.allowed() else option.flag[2:].upper().replace("-", "_"),
+            choices=option.allowed() or None,
+            default=None,
+            help=f"{option.help} (default {option.default})"
+            if option.default != ""
+            else option.help,
         )
-    p.add_argument(
-        "--no-intra-peer",
-        dest="intra_peer",
-        action="store_false",
-        default=None,
-        help="ablation: plans never mix a peer's own other experts",
-    )
-    p.add_argument("--expert-wire-dtype", choices=sorted(EXPERT_WIRE_DTYPES), default=None)
-    p.add_argument(
-        "--aggregation",
-        choices=AGGREGATIONS,
-        default=None,
-        help="how the coordinator combines embedding uploads (default mean: FedAvg)",
-    )
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     add_security_args(p)
 
@@ -126,6 +84,21 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
         help="interfaces whose kernel counters give wire bytes: auto (own netns/container), "
         "off, or NAME[,NAME] (default: auto, or FEDMOE_WIRE_IFACE)",
     )
+
+
+def security_argv(args: argparse.Namespace) -> list[str]:
+    """The flags of add_security_args that were given, but --token-file (`fedmoe local` hands
+    its coordinator the file it made) and the refused --token: the rest of what it passes on."""
+    argv = ["--tls"] if args.tls else []
+    for flag, value in (
+        ("--certs", args.certs),
+        ("--cert-name", args.cert_name),
+        ("--state-dir", args.state_dir),
+        ("--wire-iface", args.wire_iface),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
 
 
 def tls_from_args(args: argparse.Namespace, default_name: str):  # -> TlsFiles | None
@@ -177,16 +150,11 @@ def parse_indices(spec: str) -> list[int]:
 
 
 def config_from_args(args: argparse.Namespace):  # -> pb.RunConfig
-    keys = [key for _, key, _, _ in RUN_FLAGS] + ["intra_peer", "expert_wire_dtype", "aggregation"]
-    values = {k: getattr(args, k) for k in keys}
-    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
-    return make_config(
-        algorithm=args.algorithm,
-        peers=args.peers,
-        dataset=args.dataset,
-        data_dir=data_dir,
-        **values,
-    )
+    """The RunConfig of the run flags given (add_run_args); ConfigError if it cannot run."""
+    values = {option.key: getattr(args, option.key) for option in OPTIONS}
+    if values["data_dir"]:
+        values["data_dir"] = str(Path(values["data_dir"]).resolve())
+    return make_config(**values)
 
 
 def check_local_data(cfg) -> None:  # type: ignore[no-untyped-def]
@@ -322,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             from fedmoe.local import run_local
 
             # Refuse a bad configuration, or data that cannot be split, before starting anything.
-            check_local_data(config_from_args(args))
-            return run_local(args, sys.argv[2:] if argv is None else argv[1:])
+            cfg = config_from_args(args)
+            check_local_data(cfg)
+            return run_local(args, cfg)
         if args.command == "certs":
             from common.tls import make_certs
 

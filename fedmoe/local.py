@@ -20,7 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.atomic import atomic_write_json
 from common.auth import new_token_file
+from common.config import config_to_argv
+from common.proto import pb
+from fedmoe.cli import security_argv
 from fedmoe.report import print_report
 
 LISTENING = "FEDMOE_LISTENING "
@@ -30,19 +34,6 @@ GRACE_AFTER_PEERS_DONE = 60.0
 GRACE_AFTER_PEERS_FAILED = 5.0
 # How long surviving peer processes get to exit on their own after the coordinator's exit.
 GRACE_FOR_PEERS = 30.0
-
-
-def _strip(argv: list[str], flag: str) -> list[str]:
-    """Drop `flag VALUE` / `flag=VALUE` (launcher-only options) from a command line."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == flag:
-            skip = True
-        elif not a.startswith(flag + "="):
-            out.append(a)
-    return out
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -95,21 +86,22 @@ class PeerProcess:
         }
 
 
-def plan_processes(args: argparse.Namespace, out: Path) -> list[PeerProcess]:
-    """Which peers each process hosts, on which device, logging where (ValueError if bad)."""
+def plan_processes(args: argparse.Namespace, peers: int, out: Path) -> list[PeerProcess]:
+    """Which of the `peers` each process hosts, on which device, logging where (ValueError if
+    bad)."""
     gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else []
     if any(not g.isdigit() for g in gpus):
         raise ValueError("--gpus takes comma-separated GPU numbers, e.g. 0,1")
     if args.procs is not None:
-        if not 1 <= args.procs <= args.peers:
+        if not 1 <= args.procs <= peers:
             raise ValueError("--procs must be between 1 and --peers")
         procs = args.procs
     elif gpus:
-        procs = min(len(gpus), args.peers)  # one peer process per GPU
+        procs = min(len(gpus), peers)  # one peer process per GPU
     else:
-        procs = args.peers  # one process per peer
+        procs = peers  # one process per peer
     plan = []
-    for k, indices in enumerate(split_ranges(args.peers, procs)):
+    for k, indices in enumerate(split_ranges(peers, procs)):
         device = f"cuda:{gpus[k % len(gpus)]}" if gpus else "cpu"
         one = len(indices) == 1
         log = out / (f"peer-{indices[0]}.log" if one else f"peers-{indices[0]}-{indices[-1]}.log")
@@ -125,13 +117,7 @@ def _add_launcher_record(out: Path, record: dict[str, Any]) -> None:
     except (OSError, ValueError):
         return  # the coordinator wrote no summary (it died): nothing to add to
     summary["launcher"] = record
-    tmp = path.with_name(f"{path.name}.launcher.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, summary)
 
 
 def _stop(procs: list[subprocess.Popen[Any]], grace: float) -> None:
@@ -148,11 +134,12 @@ def _stop(procs: list[subprocess.Popen[Any]], grace: float) -> None:
             p.wait()
 
 
-def run_local(args: argparse.Namespace, argv: list[str]) -> int:
+def run_local(args: argparse.Namespace, cfg: pb.RunConfig) -> int:
+    """Run `cfg` (already checked: fedmoe/cli.py) with the launcher options of `args`."""
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     try:
-        hosts = plan_processes(args, out)
+        hosts = plan_processes(args, cfg.peers, out)
     except ValueError as e:
         print(f"fedmoe: {e}", file=sys.stderr)
         return 2
@@ -161,7 +148,6 @@ def run_local(args: argparse.Namespace, argv: list[str]) -> int:
     # The cores are shared by the peer processes; the peers of one process take turns.
     threads = max(1, (os.cpu_count() or 1) // len(hosts))
 
-    coord_argv = _strip(_strip(_strip(argv, "--gpus"), "--procs"), "--token-file")
     # One fresh join token per run, readable by this user only, handed over as a file.
     token_file = Path(args.token_file) if args.token_file else out / "join-token"
     if not args.token_file:
@@ -170,12 +156,13 @@ def run_local(args: argparse.Namespace, argv: list[str]) -> int:
     coordinator = subprocess.Popen(
         [
             *py,
+            *(["-v"] if getattr(args, "verbose", False) else []),
             "coordinator",
-            "--listen",
-            "127.0.0.1:0",
-            "--token-file",
-            str(token_file),
-            *coord_argv,
+            *("--listen", "127.0.0.1:0", "--token-file", str(token_file), "--out", str(out)),
+            # Built from what was parsed, not edited out of our own command line: the run
+            # options through their one table, then the security flags given.
+            *config_to_argv(cfg),
+            *security_argv(args),
         ],
         stdout=subprocess.PIPE,
         stderr=coord_log,
@@ -207,7 +194,7 @@ def run_local(args: argparse.Namespace, argv: list[str]) -> int:
             print(line, end="", flush=True)
     logs = ", ".join(h.log.name for h in hosts) if len(hosts) <= 8 else "peer*.log"
     print(
-        f"coordinator at {address}; starting {args.peers} peers in {len(hosts)} process(es) "
+        f"coordinator at {address}; starting {cfg.peers} peers in {len(hosts)} process(es) "
         f"(logs in {out}: coordinator.log, {logs})",
         flush=True,
     )
@@ -219,8 +206,8 @@ def run_local(args: argparse.Namespace, argv: list[str]) -> int:
             cmd = [*py, "peer", "--coordinator", address, "--listen", "127.0.0.1:0"]
             cmd += ["--index", h.index_spec, "--device", h.device, "--threads", str(threads)]
             cmd += ["--token-file", str(token_file)]
-            if args.data_dir:
-                cmd += ["--data-dir", str(Path(args.data_dir).resolve())]
+            if cfg.data_dir:
+                cmd += ["--data-dir", cfg.data_dir]
             if args.state_dir:
                 cmd += ["--state-dir", str(args.state_dir)]
             if args.tls:

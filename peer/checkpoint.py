@@ -1,16 +1,17 @@
 """Peer durability: the model after each completed round, in the peer's own `--state-dir`,
 and the member secret that proves a restarted peer is the member that first took its index.
 
-Written atomically (temporary file, fsync, rename); read with `weights_only=True`, which loads
+Written atomically (common/atomic.py: temporary file, fsync, rename); read with `weights_only=True`, which loads
 tensors and plain containers only. A checkpoint of another run (different run id) is ignored.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+
+from common.atomic import atomic_write, atomic_write_bytes
 
 
 class PeerCheckpoint:
@@ -19,13 +20,9 @@ class PeerCheckpoint:
         self.path = state_dir / f"peer-{index}.pt"
 
     def save(self, run_id: str, round_: int, model: torch.nn.Module) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        with open(tmp, "wb") as f:
-            torch.save({"run_id": run_id, "round": round_, "model": state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        data = {"run_id": run_id, "round": round_, "model": state}
+        atomic_write(self.path, lambda f: torch.save(data, f))
 
     def load(self, run_id: str) -> tuple[int, dict[str, torch.Tensor]] | None:
         if not self.path.is_file():
@@ -56,32 +53,6 @@ class MemberSecret:
         return text if 0 < len(text) <= MAX_SECRET_CHARS and text.isprintable() else ""
 
     def save(self, secret: str) -> None:
-        # Created 0600 from the start (never briefly world-readable), fsynced, then renamed over
-        # the old one, so that a crash leaves either the old secret or the new one, never half.
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(secret + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a leftover file
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (best effort: not every file system lets a directory be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        # Created 0600 from the start (never briefly readable by others), fsynced, then renamed
+        # over the old one, so that a crash leaves either the old secret or the new one.
+        atomic_write_bytes(self.path, (secret + "\n").encode(), mode=0o600)

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class Term:
-    peer_id: str
-    expert: int
-    weight: float
+from common.plan import Term  # shared with the coordinator's strategies: see common/plan.py
 
 
 def merge_experts(

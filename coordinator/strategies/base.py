@@ -8,21 +8,14 @@ from typing import Protocol
 
 import numpy as np
 
+from common.plan import Term  # shared with the peer (peer/expert_merge.py): see common/plan.py
+
 
 @dataclass(frozen=True)
 class PeerUpdate:
     peer_id: str
     num_samples: int
     tensors: dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class Term:
-    """One source expert of Eq. 11 and its weight."""
-
-    peer_id: str
-    expert: int
-    weight: float
 
 
 @dataclass
