@@ -328,34 +328,3 @@ def _describe(indices: Sequence[int]) -> str:
         if k is not None:
             start = prev = k
     return ",".join(parts)
-
-
-def run_peer(
-    coordinator: str,
-    listen: str,
-    advertise: str | None,
-    index: int,
-    device: str,
-    data_dir: str | None,
-    timeout: float,
-    threads: int | None,
-    token_file: str | None = None,
-    state_dir: Path | None = None,
-    tls: TlsFiles | None = None,
-    wire_iface: str | None = None,
-) -> int:
-    """One peer in this process (the form before peer hosts; kept for callers of it)."""
-    return run_peers(
-        coordinator,
-        listen,
-        advertise,
-        [index],
-        device,
-        data_dir,
-        timeout,
-        threads,
-        token_file,
-        state_dir,
-        {index: tls} if tls else None,
-        wire_iface,
-    )

@@ -17,6 +17,14 @@ from typing import Any
 FEDMOE = [sys.executable, "-m", "fedmoe.cli"]
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc (the attack tests check it stays flat)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,20 +23,13 @@ from common.model_schema import model_schema
 from common.proto import pb, rpc
 from common.tensors import chunk_tensors, numpy_to_wire
 from common.tls import channel, load_tls
-from tests.cluster import FEDMOE, Cluster
+from tests.cluster import FEDMOE, Cluster, rss_mb
 
 TOKEN = "hostile-test-token-0123456789abcdef"
 FAST = [
     *("--dataset", "synthetic", "--sync-every", "1", "--peer-timeout", "4"),
     *("--embed-dim", "16", "--expert-hidden", "8", "--experts", "4"),
 ]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def wait_for_log(c: Cluster, name: str, text: str, timeout: float = 120) -> None:

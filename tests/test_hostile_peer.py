@@ -35,7 +35,7 @@ from common.tensors import (
 from common.tls import add_port, channel, load_tls, make_certs, peer_identity
 from peer.expert_client import ExpertClient
 from peer.expert_store import DENIED
-from tests.cluster import FEDMOE, Cluster, free_port
+from tests.cluster import FEDMOE, Cluster, free_port, rss_mb
 
 ROUNDS = 3
 RUN = [
@@ -58,13 +58,6 @@ def fetch_status(
     except grpc.RpcError as e:
         code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
     return code, details, time.monotonic() - started
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def expert_stub(port: int) -> tuple[grpc.Channel, rpc.ExpertExchangeStub]:
