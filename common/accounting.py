@@ -2,17 +2,42 @@
 
 Classes (DESIGN.md §2): "coordinator" for peer <-> coordinator messages, "p2p" for peer <-> peer.
 The size counted is the protobuf serialized size of each gRPC message, as both ends see it.
+
+Time is accounted per round too: PHASES names the phases of a peer's round (peer/runner.py), in
+the order they run; MetricsReport.phase_seconds carries the seconds of each.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import grpc
 from google.protobuf.message import Message
+
+from common.proto import pb
 
 CLASSES = ("coordinator", "p2p")
 DIRECTIONS = ("sent", "received")
+# train: local epochs. upload: expert snapshot published, embedding (+ gate) sent.
+# wait_for_plan: the round's plan and aggregate (mostly waiting for the round to close).
+# fetch: planned experts streamed in from other peers. merge: Eq. 11 and the aggregate loaded.
+# evaluate: local and global test sets. serve_wait: until every planned fetch from us is done.
+# checkpoint: the model saved to --state-dir. report: the round's counts taken and the report
+# built (the report's own sending cannot be timed inside it).
+PHASES = (
+    "train",
+    "upload",
+    "wait_for_plan",
+    "fetch",
+    "merge",
+    "evaluate",
+    "serve_wait",
+    "checkpoint",
+    "report",
+)
 
 
 class ByteCounter:
@@ -50,3 +75,115 @@ class ByteCounter:
             for (_, k, d), n in self._counts.items():
                 out[f"{k}_{d}"] += n
         return out
+
+
+# ---------------------------------------------------------------- counting in the channel
+
+
+def message_round(message: Message, reply: Message | None = None) -> int | None:
+    """The round a peer counts a message of a call under: the round the request names.
+
+    JoinRequest names none: a join counts under the round the reply says the peer starts at.
+    UpdatePart: the round of the stream's header (None for its chunks: the header's round holds).
+    HeartbeatRequest, RoundRequest, LatestRequest (its count round), ExpertRequest: `.round`."""
+    if isinstance(message, pb.JoinRequest):
+        return None if reply is None else int(reply.start_round)  # type: ignore[attr-defined]
+    if isinstance(message, pb.UpdatePart):
+        return int(message.header.round) if message.HasField("header") else None
+    return int(message.round)  # type: ignore[attr-defined]
+
+
+class _CountedStream:
+    """A response stream that counts each message as the caller takes it; everything else
+    (cancel, code, ...) is the underlying call's."""
+
+    def __init__(self, call: Any, count: Callable[[Message], None]) -> None:
+        self._call = call
+        self._count = count
+
+    def __iter__(self) -> _CountedStream:
+        return self
+
+    def __next__(self) -> Message:
+        message: Message = next(self._call)
+        self._count(message)
+        return message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+class CountingInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+):
+    """Counts, on a peer's client channel, the serialized size of every message of every call,
+    in one class ("coordinator" or "p2p"), under the round of the call (`message_round`).
+
+    The same rules as the counts the peer used to take by hand at each call site:
+    - unary calls (Join, Heartbeat) count request and reply once the reply is there (a failed
+      call is not counted);
+    - streams count each message as it goes out or comes in, so a stream that fails part-way,
+      and each retry of it, counts what moved;
+    - `skip` names methods counted elsewhere: ReportMetrics, whose report and ack the
+      coordinator adds to the round's record (the report cannot hold its own size).
+    The serving side (the coordinator, ExpertExchange) still counts by hand: see there why."""
+
+    def __init__(self, counter: ByteCounter, klass: str, skip: frozenset[str] = frozenset()):
+        if klass not in CLASSES:
+            raise ValueError(f"unknown traffic class {klass}")
+        self.counter = counter
+        self.klass = klass
+        self.skip = skip
+
+    def _skipped(self, details: grpc.ClientCallDetails) -> bool:
+        return str(details.method).rsplit("/", 1)[-1] in self.skip
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        outcome = continuation(details, request)
+        if self._skipped(details):
+            return outcome
+        try:
+            reply = outcome.result()
+        except Exception:  # the caller sees the error; a failed call is not counted
+            return outcome
+        round_ = message_round(request, reply)
+        if round_ is not None:
+            self.counter.message(round_, self.klass, "sent", request)
+            self.counter.message(round_, self.klass, "received", reply)
+        return outcome
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        call = continuation(details, request)
+        round_ = message_round(request)
+        if self._skipped(details) or round_ is None:
+            return call
+        self.counter.message(round_, self.klass, "sent", request)
+        return _CountedStream(
+            call, lambda m: self.counter.message(round_, self.klass, "received", m)
+        )
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        if self._skipped(details):
+            return continuation(details, requests)
+        rounds: list[int] = []  # the header's round, once it has gone out
+
+        def counted() -> Iterator[Message]:
+            for message in requests:
+                round_ = message_round(message)
+                if round_ is not None and not rounds:
+                    rounds.append(round_)
+                if not rounds:
+                    raise ValueError("a counted request stream must name its round first")
+                self.counter.message(rounds[0], self.klass, "sent", message)
+                yield message
+
+        outcome = continuation(details, counted())
+        try:
+            reply = outcome.result()
+        except Exception:
+            return outcome
+        if rounds:
+            self.counter.message(rounds[0], self.klass, "received", reply)
+        return outcome

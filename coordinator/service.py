@@ -1,5 +1,12 @@
 """The Coordinator gRPC service: authenticates callers, translates RPCs into RoundBook calls,
-and counts the bytes of every message it handles."""
+and counts the bytes of every message it handles.
+
+The peers count their side in the channel (common/accounting.CountingInterceptor). Here counting
+stays explicit, at each handler, because its rules depend on what the handler decides, which a
+server interceptor sees only as a status: a call is counted once it is accepted (a refused
+GetRoundResult or a second report is not), a Join counts under the start round the handler
+chooses, an upload counts what arrived even when it is refused part-way, and a metrics report and
+its ack go into the round's record only once the book has taken the report."""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from common.accounting import ByteCounter
+from common.accounting import PHASES, ByteCounter
 from common.auth import SESSION_METADATA, TOKEN_METADATA
 from common.config import ALGORITHM_NAMES, upload_prefixes
 from common.grpc_status import status_of
@@ -95,6 +102,14 @@ def _check_report(request: pb.MetricsReport, cfg: pb.RunConfig) -> str | None:
         value = getattr(request, name)
         if not (math.isfinite(value) and 0.0 <= value < 1e9):
             return f"{name} must be a finite non-negative number"
+    for name, value in request.phase_seconds.items():
+        if name not in PHASES:
+            return f"unknown phase {clip_text(name)!r} in phase_seconds"
+        if not (math.isfinite(value) and 0.0 <= value < 1e9):
+            return f"phase_seconds[{name}] must be a finite non-negative number"
+    # Phases are disjoint parts of the round (peer/runner.PhaseTimer): they fit in its seconds.
+    if sum(request.phase_seconds.values()) > request.seconds * (1 + 1e-6) + 1e-3:
+        return "phase_seconds add up to more than the round's seconds"
     if request.experts_fetched > cfg.peers * cfg.num_experts:
         return "experts_fetched exceeds the pool"
     counts = [request.wire_sent, request.wire_received]
@@ -401,6 +416,11 @@ class CoordinatorService(rpc.CoordinatorServicer):
             "seconds": round(request.seconds, 4),
             "train_seconds": round(request.train_seconds, 4),
             "exchange_seconds": round(request.exchange_seconds, 4),
+            "phase_seconds": {
+                name: round(request.phase_seconds[name], 4)
+                for name in PHASES
+                if name in request.phase_seconds
+            },
             "bytes": {
                 "coordinator_sent": b.coordinator_sent + request.ByteSize(),
                 "coordinator_received": b.coordinator_received + ack.ByteSize(),

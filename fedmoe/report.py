@@ -6,6 +6,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from common.accounting import PHASES
+
 
 def load_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
@@ -51,6 +53,47 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def phase_table(records: list[dict]) -> tuple[list[str], list[dict]]:
+    """Mean seconds per phase over the peers of each round (records without phase_seconds, from
+    older runs, are left out); returns the phases present, in the order they run, and the rows."""
+    by_round: dict[int, list[dict]] = defaultdict(list)
+    for rec in records:
+        if rec.get("phase_seconds"):
+            by_round[rec["round"]].append(rec["phase_seconds"])
+    present = {name for phases in by_round.values() for p in phases for name in p}
+    names = [n for n in PHASES if n in present] + sorted(present - set(PHASES))
+    rows = [
+        {
+            "round": r,
+            "peers": len(phases),
+            # None: no peer ran this phase in this round (e.g. fetch on a round without sync)
+            **{
+                n: sum(p.get(n, 0.0) for p in phases) / len(phases)
+                if any(n in p for p in phases)
+                else None
+                for n in names
+            },
+        }
+        for r, phases in sorted(by_round.items())
+    ]
+    return names, rows
+
+
+def format_phase_table(names: list[str], rows: list[dict]) -> str:
+    widths = [max(9, len(n)) for n in names]
+    head = f"{'round':>5} {'peers':>5} " + " ".join(
+        f"{n:>{w}}" for n, w in zip(names, widths, strict=True)
+    )
+    lines = ["seconds per phase (mean over peers)", head, "-" * len(head)]
+    for r in rows:
+        cells = " ".join(
+            f"{'-':>{w}}" if r[n] is None else f"{r[n]:>{w}.3f}"
+            for n, w in zip(names, widths, strict=True)
+        )
+        lines.append(f"{r['round']:>5} {r['peers']:>5} {cells}")
+    return "\n".join(lines)
+
+
 def print_report(run_dir: Path, as_json: bool = False) -> int:
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
@@ -59,7 +102,12 @@ def print_report(run_dir: Path, as_json: bool = False) -> int:
             raise SystemExit(f"report: {summary_path} not found")
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
-    print(format_table(round_table(load_records(run_dir))))
+    records = load_records(run_dir)
+    print(format_table(round_table(records)))
+    names, phases = phase_table(records)
+    if phases:
+        print()
+        print(format_phase_table(names, phases))
     if summary:
         acc, gacc = summary["final_accuracy_mean"], summary["final_global_accuracy_mean"]
         print(

@@ -1,7 +1,10 @@
-"""The peer's side of the Coordinator service, over one long-lived channel; counts every message.
+"""The peer's side of the Coordinator service, over one long-lived channel; every message is
+counted by the channel's CountingInterceptor (common/accounting.py) under the round it names.
 
-Every call after Join carries the session secret as metadata and is retried with backoff while
-the coordinator is unreachable (e.g. restarting from its checkpoint).
+Every call after Join carries the session secret as metadata. While the coordinator is
+unreachable (e.g. restarting from its checkpoint) calls are retried by kind (common/retry.py):
+Join and ReportMetrics by gRPC's retry policy (common/grpc_options.SERVICE_CONFIG) and waiting
+for the channel; the streams by `retry_stream`; Heartbeat not at all (the next one is its retry).
 """
 
 from __future__ import annotations
@@ -10,11 +13,11 @@ from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 
-from common.accounting import ByteCounter
+from common.accounting import ByteCounter, CountingInterceptor
 from common.auth import SESSION_METADATA, TOKEN_METADATA
 from common.grpc_options import CHANNEL_OPTIONS
 from common.proto import pb, rpc
-from common.retry import with_retries
+from common.retry import coordinator_stream, retry_stream
 from common.tensors import TensorAssembler, TensorSpec, WireTensor, chunk_tensors
 from common.tls import TlsFiles, channel
 
@@ -33,7 +36,10 @@ class CoordinatorClient:
         self.chunk_bytes = chunk_bytes
         self.timeout = timeout
         self.channel = channel(address, tls, CHANNEL_OPTIONS)
-        self.stub = rpc.CoordinatorStub(self.channel)
+        # ReportMetrics is not counted here: the coordinator adds the report and its ack to the
+        # round's record (the report cannot carry its own size).
+        counting = CountingInterceptor(counter, "coordinator", skip=frozenset({"ReportMetrics"}))
+        self.stub = rpc.CoordinatorStub(grpc.intercept_channel(self.channel, counting))
         self.peer_id = ""
         self._metadata: tuple[tuple[str, str], ...] = ()
         # Proof of identity for rejoining under our index (from --state-dir, or our last join).
@@ -52,37 +58,30 @@ class CoordinatorClient:
         self._metadata = ((SESSION_METADATA, reply.session),)
         if reply.member_secret:
             self.member_secret = reply.member_secret  # kept in memory for a rejoin
-        self.counter.message(reply.start_round, "coordinator", "sent", request)
-        self.counter.message(reply.start_round, "coordinator", "received", reply)
-        return reply
+        return reply  # counted under reply.start_round
 
     def heartbeat(self, round_: int, timeout: float) -> pb.HeartbeatReply:
+        # Never retried (not in SERVICE_CONFIG): the next heartbeat is the retry, and the caller
+        # must see UNAVAILABLE at once to notice a coordinator that is gone.
         request = pb.HeartbeatRequest(peer_id=self.peer_id, round=round_)
         reply: pb.HeartbeatReply = self.stub.Heartbeat(
             request, timeout=timeout, metadata=self._metadata
         )
-        self.counter.message(round_, "coordinator", "sent", request)
-        self.counter.message(round_, "coordinator", "received", reply)
         return reply
 
     def submit(self, round_: int, num_samples: int, tensors: list[WireTensor]) -> pb.UpdateAck:
         def parts() -> Iterator[pb.UpdatePart]:
-            header = pb.UpdatePart(
+            # The header goes first: its round is the one every part and the ack count under.
+            yield pb.UpdatePart(
                 header=pb.UpdateHeader(peer_id=self.peer_id, round=round_, num_samples=num_samples)
             )
-            self.counter.message(round_, "coordinator", "sent", header)
-            yield header
             for chunk in chunk_tensors(tensors, self.chunk_bytes):
-                part = pb.UpdatePart(chunk=chunk)
-                self.counter.message(round_, "coordinator", "sent", part)
-                yield part
+                yield pb.UpdatePart(chunk=chunk)
 
         def call() -> pb.UpdateAck:
             return self.stub.SubmitUpdate(parts(), timeout=self.timeout, metadata=self._metadata)
 
-        ack = with_retries(call, f"round {round_} upload", self.timeout)
-        self.counter.message(round_, "coordinator", "received", ack)
-        return ack
+        return retry_stream(call, f"round {round_} upload", coordinator_stream(self.timeout))
 
     def _result_stream(
         self,
@@ -92,11 +91,10 @@ class CoordinatorClient:
         expected: Mapping[str, TensorSpec] | None,
     ) -> tuple[pb.Plan, dict[str, WireTensor]]:
         def call() -> tuple[pb.Plan, dict[str, WireTensor]]:
-            self.counter.message(count_round, "coordinator", "sent", request)
+            # Counted under request.round (the count round for GetLatestModel).
             plan: pb.Plan | None = None
             assembler = TensorAssembler(expected=expected, require_all=False)
             for part in stream(request, timeout=self.timeout, metadata=self._metadata):
-                self.counter.message(count_round, "coordinator", "received", part)
                 if part.HasField("plan"):
                     if plan is not None:
                         raise ValueError("coordinator sent two plans in one result")
@@ -107,7 +105,7 @@ class CoordinatorClient:
                 raise ValueError("coordinator sent no plan")
             return plan, assembler.finish()
 
-        return with_retries(call, f"round {count_round} result", self.timeout)
+        return retry_stream(call, f"round {count_round} result", coordinator_stream(self.timeout))
 
     def round_result(
         self, round_: int, expected: Mapping[str, TensorSpec] | None = None
@@ -132,10 +130,11 @@ class CoordinatorClient:
 
     def report(self, report: pb.MetricsReport) -> pb.MetricsAck:
         # Not counted here: the coordinator adds the report and its ack to this round's record.
-        def call() -> pb.MetricsAck:
-            return self.stub.ReportMetrics(report, timeout=self.timeout, metadata=self._metadata)
-
-        return with_retries(call, f"round {report.round} report", self.timeout)
+        # Retried by gRPC (SERVICE_CONFIG); wait_for_ready rides out a restarting coordinator.
+        ack: pb.MetricsAck = self.stub.ReportMetrics(
+            report, timeout=self.timeout, metadata=self._metadata, wait_for_ready=True
+        )
+        return ack
 
     def close(self) -> None:
         self.channel.close()

@@ -1,4 +1,9 @@
-"""Fetching experts from other peers: one long-lived channel per source address."""
+"""Fetching experts from other peers: one long-lived channel per source address.
+
+Every message is counted as p2p by the channel's CountingInterceptor (common/accounting.py),
+under the round the request names. One `fetch` is one attempt; the round loop retries a failed stream whole through
+common/retry.retry_stream (FETCH_RETRY), the one helper for every streaming call.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from collections.abc import Mapping
 
 import grpc
 
-from common.accounting import ByteCounter
+from common.accounting import ByteCounter, CountingInterceptor
 from common.grpc_options import CHANNEL_OPTIONS
 from common.proto import pb, rpc
 from common.tensors import TensorAssembler, TensorSpec, WireLimits, WireTensor, check_value
@@ -28,6 +33,7 @@ class ExpertClient:
         self.tls = tls
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
+        self._counting = CountingInterceptor(counter, "p2p")
 
     def _stub(self, address: str) -> rpc.ExpertExchangeStub:
         with self._lock:
@@ -35,7 +41,7 @@ class ExpertClient:
             if ch is None:
                 ch = channel(address, self.tls, CHANNEL_OPTIONS)
                 self._channels[address] = ch
-        return rpc.ExpertExchangeStub(ch)
+        return rpc.ExpertExchangeStub(grpc.intercept_channel(ch, self._counting))
 
     def fetch(
         self,
@@ -61,12 +67,10 @@ class ExpertClient:
             ticket=ticket,
             source_id=source_id,
         )
-        self.counter.message(round_, "p2p", "sent", request)
         assembler = TensorAssembler(self.limits, expected)
         call = self._stub(address).FetchExperts(request, timeout=self.timeout)
         try:
             for chunk in call:
-                self.counter.message(round_, "p2p", "received", chunk)
                 tensor = assembler.add(chunk)
                 if tensor is not None and max_norm is not None:
                     check_value(tensor, max_norm)  # as each completes: stop a bad stream early

@@ -134,6 +134,9 @@ class ExpertExchangeService(rpc.ExpertExchangeServicer):
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
             return
         # Counted under the request's round: this peer reports that round only after serving.
+        # Explicit, not a server interceptor: the counter is the hosted peer's that the request
+        # names (one server, several peers), only an accepted request counts, and the chunks go
+        # out pre-serialized (their size is len(chunk), not a message's ByteSize()).
         peer.counter.message(request.round, "p2p", "received", request)
         for chunk in chunks:
             peer.counter.add(request.round, "p2p", "sent", len(chunk))

@@ -169,6 +169,11 @@ class _Host:
             # peer starts from the same initialisation.
             with COMPUTE_LOCK:
                 trainer = LocalTrainer(build_model(cfg, data), data, cfg, self.device, index)
+            plog.info(
+                "model ready: %d training samples, %d personal test samples",
+                trainer.num_samples,
+                len(data.local_test),
+            )
             runner = PeerRunner(
                 cfg,
                 reply.peer_id,

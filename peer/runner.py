@@ -1,5 +1,9 @@
 """The peer's round loop (DESIGN.md §1.4): train, upload, get the plan, fetch experts, merge, report.
 
+Each round runs as explicit phases (common/accounting.PHASES: train, upload, wait_for_plan, fetch,
+merge, evaluate, serve_wait, checkpoint, report), one method or block each, timed by PhaseTimer;
+their seconds go into the round's MetricsReport.phase_seconds.
+
 Failure handling: a heartbeat thread keeps the membership alive and learns who left; an upload
 refused as late, or a plan without us, makes the peer catch up from the latest aggregate; a
 coordinator that lost our upload (restart) gets it again; an expert source that fails twice is
@@ -17,16 +21,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import grpc
 import torch
 
 from common import faults
-from common.accounting import ByteCounter
+from common.accounting import PHASES, ByteCounter
 from common.config import is_sync_round, takes_part, upload_prefixes
 from common.proto import pb
+from common.retry import FETCH_RETRY, retry_stream
 from common.tensors import TensorSpec, WireError, WireTensor, check_values
 from common.torch_wire import torch_to_wire, wire_to_torch
 from common.wire_counters import WireMeter
@@ -40,7 +46,9 @@ from peer.trainer import LocalTrainer
 log = logging.getLogger("fedmoe.peer")
 
 Experts = dict[int, dict[str, torch.Tensor]]
-FETCH_ATTEMPTS = 2
+FetchedExperts = dict[tuple[str, int], dict[str, torch.Tensor]]  # (source peer, expert) -> params
+# Protocol, not transport: how often an upload is sent again to a coordinator that lost it.
+UPLOAD_RESENDS = 3
 # A peer with no round left stops waiting for the run's end once the coordinator has refused
 # connections for this many heartbeat periods in a row.
 GONE_HEARTBEATS = 5
@@ -52,6 +60,39 @@ class Late(Exception):
 
 class BadAggregate(Exception):
     """The coordinator sent tensors that fail the value checks (NaN, Inf, norm bound)."""
+
+
+class UploadLost(Exception):
+    """The coordinator has no upload of ours for the round (it restarted from a checkpoint)."""
+
+
+class PhaseTimer:
+    """Wall seconds per phase of one round (common/accounting.PHASES).
+
+    Phases do not nest, so they are disjoint parts of the round and add up to at most
+    `elapsed()`; a phase entered twice (an upload sent again) adds up."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self._current: str | None = None
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}")
+        if self._current is not None:
+            raise RuntimeError(f"phase {name!r} started inside phase {self._current!r}")
+        self._current = name
+        begun = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begun
+            self._current = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 class PeerRunner:
@@ -244,72 +285,30 @@ class PeerRunner:
     # ------------------------------------------------------------------ one round
 
     def run_round(self, round_: int) -> pb.MetricsAck:
+        """One round as explicit phases (common/accounting.PHASES), each timed by `timer`."""
         self.store.begin(round_)
-        started = time.perf_counter()
-        loss = self.trainer.train_round(round_)
+        timer = PhaseTimer()
+        with timer.phase("train"):
+            loss = self.trainer.train_round(round_)
         trained = time.perf_counter()
-        fetched = 0
         prefixes = upload_prefixes(self.cfg, round_)
         sync = is_sync_round(self.cfg, round_)
-        if prefixes:
-            snapshot = self.trainer.expert_snapshot() if sync else None
-            if snapshot is not None:
-                # Published before uploading: once the round closes, others may ask for it.
-                self.store.publish(round_, self._wire_experts(snapshot), self.cfg.chunk_bytes)
-            uploads = [
-                torch_to_wire(n, t, pb.FLOAT32) for n, t in self.trainer.tensors(prefixes).items()
-            ]
-            try:
-                plan, shared = self._exchange_with_coordinator(round_, uploads)
-                self._check_shared(shared)  # before any of it (or the plan) is acted on
-            except (Late, BadAggregate):
-                self.store.drop(round_)
-                raise
-            if plan.sync and snapshot is not None:
-                orders = {o.peer_id: (list(o.experts), o.ticket) for o in plan.serves}
-                self.store.set_orders(round_, orders)
-                fetched = self._exchange_experts(round_, plan, snapshot)
-            self.trainer.load({n: wire_to_torch(t, torch.float32) for n, t in shared.items()})
+        fetched = self._share(round_, prefixes, sync, timer) if prefixes else 0
         exchanged = time.perf_counter()
-        accuracy = self.trainer.evaluate(self.trainer.data.local_test)
-        global_accuracy = self.trainer.evaluate(self.trainer.data.global_test)
+        with timer.phase("evaluate"):
+            accuracy = self.trainer.evaluate(self.trainer.data.local_test)
+            global_accuracy = self.trainer.evaluate(self.trainer.data.global_test)
         if sync and prefixes:
-            # Report only after every planned fetch from us is done, so this round's p2p bytes
-            # are complete and nobody is left waiting on a peer that moved on.
-            never = self.store.wait_all_served(round_, self.serve_timeout)
-            if never:
-                self.log.warning("round %d: planned fetches never came from %s", round_, never)
-            served = self.store.served(round_)
-            if round_ == self.cfg.rounds and served and self.wire.measured:
-                # Last round only: the final wire reading must not miss bytes still in our
-                # socket buffers; once the requesters reported, they had received everything.
-                self.store.wait_reported(round_, served, timeout=3 * self.heartbeat_seconds)
-            self.store.drop(round_)
+            with timer.phase("serve_wait"):
+                self._wait_served(round_)
         if self.checkpoint is not None:
-            self.checkpoint.save(self.cfg.run_id, round_, self.trainer.model)
-        with self._accounting:
-            counts = self.counter.round_counts(round_)
-            wire = self.wire.lap()
-            self.round = round_ + 1  # from here on, traffic belongs to the next round
-            if round_ == self.cfg.rounds:
-                self._stop.set()  # no heartbeats after the last report: nothing would count them
-        report = pb.MetricsReport(
-            peer_id=self.peer_id,
-            round=round_,
-            accuracy=accuracy,
-            loss=loss,
-            global_accuracy=global_accuracy,
-            bytes=pb.ByteCounts(**counts),
-            seconds=time.perf_counter() - started,
-            train_seconds=trained - started,
-            exchange_seconds=exchanged - trained,
-            experts_fetched=fetched,
-            num_samples=self.trainer.num_samples,
-            wire_measured=wire is not None,
-            wire_received=wire[0] if wire else 0,
-            wire_sent=wire[1] if wire else 0,
-            wire_interfaces=",".join(self.wire.counters.interfaces) if self.wire.counters else "",
-        )
+            with timer.phase("checkpoint"):
+                self.checkpoint.save(self.cfg.run_id, round_, self.trainer.model)
+        with timer.phase("report"):
+            report = self._build_report(round_, timer, loss, accuracy, global_accuracy, fetched)
+            report.exchange_seconds = exchanged - trained
+        report.phase_seconds.update(timer.seconds)
+        report.seconds = timer.elapsed()  # after the last phase: the phases add up to at most it
         self.log.info(
             "round %d: loss %.4f acc %.4f global %.4f fetched %d experts",
             round_,
@@ -320,29 +319,119 @@ class PeerRunner:
         )
         return self.coordinator.report(report)
 
+    def _share(self, round_: int, prefixes: tuple[str, ...], sync: bool, timer: PhaseTimer) -> int:
+        """Phases upload, wait_for_plan, fetch and merge; returns how many experts arrived."""
+        with timer.phase("upload"):
+            snapshot = self.trainer.expert_snapshot() if sync else None
+            if snapshot is not None:
+                # Published before uploading: once the round closes, others may ask for it.
+                self.store.publish(round_, self._wire_experts(snapshot), self.cfg.chunk_bytes)
+            uploads = [
+                torch_to_wire(n, t, pb.FLOAT32) for n, t in self.trainer.tensors(prefixes).items()
+            ]
+        try:
+            plan, shared = self._exchange_with_coordinator(round_, uploads, timer)
+            self._check_shared(shared)  # before any of it (or the plan) is acted on
+        except (Late, BadAggregate):
+            self.store.drop(round_)
+            raise
+        fetched: FetchedExperts = {}
+        own = snapshot if plan.sync else None  # experts move this round
+        if own is not None:
+            with timer.phase("fetch"):
+                orders = {o.peer_id: (list(o.experts), o.ticket) for o in plan.serves}
+                self.store.set_orders(round_, orders)
+                fetched = self._fetch_experts(round_, plan, own)
+        with timer.phase("merge"):
+            if own is not None:
+                self._merge_experts(round_, plan, own, fetched)
+            self.trainer.load({n: wire_to_torch(t, torch.float32) for n, t in shared.items()})
+        return len(fetched)
+
+    def _wait_served(self, round_: int) -> None:
+        """Phase serve_wait: report only after every planned fetch from us is done, so this
+        round's p2p bytes are complete and nobody is left waiting on a peer that moved on."""
+        never = self.store.wait_all_served(round_, self.serve_timeout)
+        if never:
+            self.log.warning("round %d: planned fetches never came from %s", round_, never)
+        served = self.store.served(round_)
+        if round_ == self.cfg.rounds and served and self.wire.measured:
+            # Last round only: the final wire reading must not miss bytes still in our
+            # socket buffers; once the requesters reported, they had received everything.
+            self.store.wait_reported(round_, served, timeout=3 * self.heartbeat_seconds)
+        self.store.drop(round_)
+
+    def _build_report(
+        self,
+        round_: int,
+        timer: PhaseTimer,
+        loss: float,
+        accuracy: float,
+        global_accuracy: float,
+        fetched: int,
+    ) -> pb.MetricsReport:
+        """Phase report: take the round's counts and move on to the next round's accounting."""
+        with self._accounting:
+            counts = self.counter.round_counts(round_)
+            wire = self.wire.lap()
+            self.round = round_ + 1  # from here on, traffic belongs to the next round
+            if round_ == self.cfg.rounds:
+                self._stop.set()  # no heartbeats after the last report: nothing would count them
+        return pb.MetricsReport(
+            peer_id=self.peer_id,
+            round=round_,
+            accuracy=accuracy,
+            loss=loss,
+            global_accuracy=global_accuracy,
+            bytes=pb.ByteCounts(**counts),
+            train_seconds=timer.seconds["train"],
+            experts_fetched=fetched,
+            num_samples=self.trainer.num_samples,
+            wire_measured=wire is not None,
+            wire_received=wire[0] if wire else 0,
+            wire_sent=wire[1] if wire else 0,
+            wire_interfaces=",".join(self.wire.counters.interfaces) if self.wire.counters else "",
+        )
+
     def _exchange_with_coordinator(
-        self, round_: int, uploads: list[WireTensor]
+        self, round_: int, uploads: list[WireTensor], timer: PhaseTimer
     ) -> tuple[pb.Plan, dict[str, WireTensor]]:
-        expected = self._expected(tuple(upload_prefixes(self.cfg, round_)))
-        for _ in range(3):
+        """Phases upload and wait_for_plan.
+
+        Transport failures (the coordinator unreachable for a while) are retried inside each
+        call (common/retry.py). The loop here is protocol, not transport: a coordinator that
+        restarted from a checkpoint taken before our upload answers NOT_FOUND for the plan, and
+        the only remedy is to send the upload again."""
+        expected = self._expected(upload_prefixes(self.cfg, round_))
+        for _ in range(UPLOAD_RESENDS):
+            with timer.phase("upload"):
+                self._upload(round_, uploads)
             try:
-                self.coordinator.submit(round_, self.trainer.num_samples, uploads)
-            except grpc.RpcError as e:
-                if is_status(e, grpc.StatusCode.FAILED_PRECONDITION):
-                    raise Late(e.details()) from e  # type: ignore[attr-defined]
-                raise
-            try:
-                return self.coordinator.round_result(round_, expected)
-            except grpc.RpcError as e:
-                if is_status(e, grpc.StatusCode.NOT_FOUND):  # coordinator restarted without it
-                    self.log.warning(
-                        "round %d: coordinator lost our upload; sending it again", round_
-                    )
-                    continue
-                if is_status(e, grpc.StatusCode.FAILED_PRECONDITION):
-                    raise Late(e.details()) from e  # type: ignore[attr-defined]
-                raise
+                with timer.phase("wait_for_plan"):
+                    return self._wait_for_plan(round_, expected)
+            except UploadLost:
+                self.log.warning("round %d: coordinator lost our upload; sending it again", round_)
         raise RuntimeError(f"round {round_}: the coordinator kept losing our upload")
+
+    def _upload(self, round_: int, uploads: list[WireTensor]) -> None:
+        try:
+            self.coordinator.submit(round_, self.trainer.num_samples, uploads)
+        except grpc.RpcError as e:
+            if is_status(e, grpc.StatusCode.FAILED_PRECONDITION):
+                raise Late(e.details()) from e  # type: ignore[attr-defined]
+            raise
+
+    def _wait_for_plan(
+        self, round_: int, expected: dict[str, TensorSpec]
+    ) -> tuple[pb.Plan, dict[str, WireTensor]]:
+        try:
+            return self.coordinator.round_result(round_, expected)
+        except grpc.RpcError as e:
+            if is_status(e, grpc.StatusCode.NOT_FOUND):  # coordinator restarted without it
+                raise UploadLost() from e
+            if is_status(e, grpc.StatusCode.FAILED_PRECONDITION):
+                raise Late(e.details()) from e  # type: ignore[attr-defined]
+            raise
 
     def _expected(self, prefixes: tuple[str, ...]) -> dict[str, TensorSpec]:
         """What the coordinator may send us: these parameters of our model, as float32."""
@@ -355,7 +444,9 @@ class PeerRunner:
         dtype = self.cfg.expert_wire_dtype
         return {m: [torch_to_wire(n, t, dtype) for n, t in p.items()] for m, p in snapshot.items()}
 
-    def _exchange_experts(self, round_: int, plan: pb.Plan, snapshot: Experts) -> int:
+    def _fetch_experts(self, round_: int, plan: pb.Plan, snapshot: Experts) -> FetchedExperts:
+        """Phase fetch: the planned experts of other peers, one stream per source in parallel;
+        a source that still fails after its retries is left out (Eq. 10 renormalised)."""
         sources = {s.peer_id: s for s in plan.sources}
         needed: dict[str, set[int]] = {}
         for row in plan.rows:
@@ -365,40 +456,35 @@ class PeerRunner:
         shapes = {n.split(".", 2)[2]: tuple(v.shape) for n, v in snapshot[0].items()}
         dtypes = frozenset({self.cfg.expert_wire_dtype})
 
-        def fetch(source: str) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
+        def fetch(source: str) -> FetchedExperts:
             experts = sorted(needed[source])
             expected = {
                 f"experts.{n}.{p}": TensorSpec(shape, dtypes)
                 for n in experts
                 for p, shape in shapes.items()
             }
-            for attempt in range(1, FETCH_ATTEMPTS + 1):
-                try:
-                    tensors = self.experts.fetch(
-                        sources[source].address,
-                        self.peer_id,
-                        round_,
-                        experts,
-                        expected,
-                        ticket=sources[source].ticket,
-                        source_id=source,  # the endpoint may host several peers
-                        max_norm=self.cfg.max_tensor_norm,
-                    )
-                    break
-                except Exception as e:
-                    if attempt == FETCH_ATTEMPTS:
-                        raise
-                    self.log.warning(
-                        "round %d: fetch from %s failed (%s); retrying", round_, source, e
-                    )
-                    time.sleep(0.5)
-            out: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+
+            def call() -> dict[str, WireTensor]:
+                return self.experts.fetch(
+                    sources[source].address,
+                    self.peer_id,
+                    round_,
+                    experts,
+                    expected,
+                    ticket=sources[source].ticket,
+                    source_id=source,  # the endpoint may host several peers
+                    max_norm=self.cfg.max_tensor_norm,
+                )
+
+            what = f"{self.peer_id} round {round_}: fetch from {source}"
+            tensors = retry_stream(call, what, FETCH_RETRY)
+            out: FetchedExperts = {}
             for name, tensor in tensors.items():
                 n = int(name.split(".", 2)[1])
                 out.setdefault((source, n), {})[name] = wire_to_torch(tensor, torch.float32)
             return out
 
-        fetched: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        fetched: FetchedExperts = {}
         if needed:
             with ThreadPoolExecutor(max_workers=min(8, len(needed))) as pool:
                 futures = {s: pool.submit(fetch, s) for s in sorted(needed)}
@@ -408,6 +494,12 @@ class PeerRunner:
                     except Exception as e:  # a failed source is left out (Eq. 10 renormalised)
                         self.log.warning("round %d: dropped source %s: %s", round_, source, e)
                         self.fetch_failures.append(f"round {round_}: {source}: {e}")
+        return fetched
+
+    def _merge_experts(
+        self, round_: int, plan: pb.Plan, snapshot: Experts, fetched: FetchedExperts
+    ) -> None:
+        """Phase merge (experts): Eq. 11 over our snapshot and what arrived."""
         rows = {
             row.expert: [Term(t.peer_id, t.expert, t.weight) for t in row.terms]
             for row in plan.rows
@@ -418,4 +510,3 @@ class PeerRunner:
                 "round %d: %d planned experts missing, weights renormalised", round_, len(missing)
             )
         self.trainer.load({n: t for params in merged.values() for n, t in params.items()})
-        return len(fetched)

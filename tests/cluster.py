@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,14 @@ class Cluster:
             lines = path.read_text(errors="replace").splitlines()[-tail:]
             out.append(f"--- {path.name}\n" + "\n".join(lines))
         return "\n".join(out)
+
+    def wait_for_log(self, name: str, text: str, timeout: float = 120) -> None:
+        """Wait until a process has logged `text` (its log is the outside view of its state)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text(name):
+            if time.monotonic() > deadline or self.procs[name].poll() is not None:
+                raise AssertionError(f"{name} never logged {text!r}:\n{self.logs()}")
+            time.sleep(0.05)
 
     def summary(self) -> dict[str, Any]:
         return json.loads((self.out / "summary.json").read_text())

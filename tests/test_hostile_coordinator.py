@@ -32,15 +32,6 @@ FAST = [
 ]
 
 
-def wait_for_log(c: Cluster, name: str, text: str, timeout: float = 120) -> None:
-    """Wait until a process has logged `text` (its log is the only outside view of its state)."""
-    deadline = time.monotonic() + timeout
-    while text not in c.log_text(name):
-        if time.monotonic() > deadline or c.procs[name].poll() is not None:
-            raise AssertionError(f"{name} never logged {text!r}:\n{c.logs()}")
-        time.sleep(0.05)
-
-
 def strict_json(path: Path) -> dict:
     def no_constants(name: str) -> None:
         raise ValueError(f"{path.name} holds {name}: not strict JSON")
@@ -228,7 +219,7 @@ def test_a_live_members_index_cannot_be_taken(tmp_path: Path) -> None:
     c.start_peer(0)
     c.start_peer(1)
     try:
-        wait_for_log(c, "coordinator", "peer-1 joined")
+        c.wait_for_log("coordinator", "peer-1 joined")
         thief = Member(c.address, 1, advertise="127.0.0.1:7")
         refused(thief.join, grpc.StatusCode.PERMISSION_DENIED, "belongs to a live member")
         refused(lambda: thief.join("a-guessed-secret"), grpc.StatusCode.PERMISSION_DENIED)

@@ -256,7 +256,14 @@ class ByteCounts(_message.Message):
     def __init__(self, coordinator_sent: _Optional[int] = ..., coordinator_received: _Optional[int] = ..., p2p_sent: _Optional[int] = ..., p2p_received: _Optional[int] = ...) -> None: ...
 
 class MetricsReport(_message.Message):
-    __slots__ = ("peer_id", "round", "accuracy", "loss", "global_accuracy", "bytes", "seconds", "train_seconds", "exchange_seconds", "experts_fetched", "num_samples", "wire_measured", "wire_sent", "wire_received", "wire_interfaces")
+    __slots__ = ("peer_id", "round", "accuracy", "loss", "global_accuracy", "bytes", "seconds", "train_seconds", "exchange_seconds", "experts_fetched", "num_samples", "wire_measured", "wire_sent", "wire_received", "wire_interfaces", "phase_seconds")
+    class PhaseSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +279,7 @@ class MetricsReport(_message.Message):
     WIRE_SENT_FIELD_NUMBER: _ClassVar[int]
     WIRE_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     WIRE_INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     round: int
     accuracy: float
@@ -287,7 +295,8 @@ class MetricsReport(_message.Message):
     wire_sent: int
     wire_received: int
     wire_interfaces: str
-    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., global_accuracy: _Optional[float] = ..., bytes: _Optional[_Union[ByteCounts, _Mapping]] = ..., seconds: _Optional[float] = ..., train_seconds: _Optional[float] = ..., exchange_seconds: _Optional[float] = ..., experts_fetched: _Optional[int] = ..., num_samples: _Optional[int] = ..., wire_measured: _Optional[bool] = ..., wire_sent: _Optional[int] = ..., wire_received: _Optional[int] = ..., wire_interfaces: _Optional[str] = ...) -> None: ...
+    phase_seconds: _containers.ScalarMap[str, float]
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., global_accuracy: _Optional[float] = ..., bytes: _Optional[_Union[ByteCounts, _Mapping]] = ..., seconds: _Optional[float] = ..., train_seconds: _Optional[float] = ..., exchange_seconds: _Optional[float] = ..., experts_fetched: _Optional[int] = ..., num_samples: _Optional[int] = ..., wire_measured: _Optional[bool] = ..., wire_sent: _Optional[int] = ..., wire_received: _Optional[int] = ..., wire_interfaces: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class MetricsAck(_message.Message):
     __slots__ = ("round", "run_finished")
