@@ -159,6 +159,18 @@ class CoordinatorService(rpc.CoordinatorServicer):
         return member
 
     @contextmanager
+    def _blocking(self, context: grpc.ServicerContext) -> Iterator[_Waiting]:
+        """Around a wait in the book: bounded by the call's deadline, ended by its cancellation,
+        and a refusal answered with its status."""
+        waiting = _Waiting(context, self.book)
+        try:
+            yield waiting
+        except Refused as e:
+            _refuse(context, e)
+        finally:
+            waiting.blocked = False
+
+    @contextmanager
     def _slot(self, context: grpc.ServicerContext, member: Member, method: str) -> Iterator[None]:
         """Bound the calls one member may hold open at once (RESOURCE_EXHAUSTED beyond)."""
         key = (member.peer_id, method)
@@ -301,15 +313,10 @@ class CoordinatorService(rpc.CoordinatorServicer):
     ) -> Iterator[pb.RoundResultPart]:
         member = self._member(context, request.peer_id)
         with self._slot(context, member, "GetRoundResult"):
-            waiting = _Waiting(context, self.book)
-            try:
+            with self._blocking(context) as w:
                 closed, version = self.book.wait_outcome(
-                    member, request.round, waiting.seconds, waiting.cancelled
+                    member, request.round, w.seconds, w.cancelled
                 )
-            except Refused as e:
-                _refuse(context, e)
-            finally:
-                waiting.blocked = False
             yield from self._round_result(member, request, closed, version)
 
     def _round_result(
@@ -352,15 +359,10 @@ class CoordinatorService(rpc.CoordinatorServicer):
     ) -> Iterator[pb.RoundResultPart]:
         member = self._member(context, request.peer_id)
         with self._slot(context, member, "GetLatestModel"):
-            waiting = _Waiting(context, self.book)
-            try:
+            with self._blocking(context) as w:
                 round_, version, shared = self.book.latest(
-                    request.after_round, waiting.seconds, waiting.cancelled
+                    request.after_round, w.seconds, w.cancelled
                 )
-            except Refused as e:
-                _refuse(context, e)
-            finally:
-                waiting.blocked = False
             yield from self._latest(request, round_, version, shared)
 
     def _latest(
@@ -437,18 +439,17 @@ class CoordinatorService(rpc.CoordinatorServicer):
         }
         try:
             self.book.report(member, request.round, record)
-            self.counter.message(request.round, "coordinator", "received", request)
-            self.counter.message(request.round, "coordinator", "sent", ack)
-            if last:
-                waiting = _Waiting(context, self.book)
-                finished = self.book.wait_run_finished(waiting.seconds, waiting.cancelled)
-                waiting.blocked = False
-                if not finished:
-                    _abort(
-                        context,
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        "other peers did not finish the last round",
-                    )
         except Refused as e:
             _refuse(context, e)
+        self.counter.message(request.round, "coordinator", "received", request)
+        self.counter.message(request.round, "coordinator", "sent", ack)
+        if last:
+            with self._blocking(context) as w:
+                finished = self.book.wait_run_finished(w.seconds, w.cancelled)
+            if not finished:
+                _abort(
+                    context,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "other peers did not finish the last round",
+                )
         return ack
