@@ -68,7 +68,7 @@ def shim(argv: list[str]) -> None:
     if argv and not argv[0].endswith(".py"):
         argv = argv[1:]
     sys.path.insert(0, str(ROOT))
-    import common.grpc_options as go
+    import fedmoe.common.grpc_options as go
 
     for var, attr in (
         ("FM_BENCH_CHANNEL_OPTS", "CHANNEL_OPTIONS"),

@@ -49,12 +49,12 @@ if str(ROOT) not in sys.path:  # run as a script: make the project importable
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.auth import SESSION_METADATA, TOKEN_METADATA  # noqa: E402
-from common.config import upload_prefixes  # noqa: E402
-from common.grpc_options import CHANNEL_OPTIONS  # noqa: E402
-from common.model_schema import model_schema  # noqa: E402
-from common.proto import pb, rpc  # noqa: E402
-from common.tensors import chunk_tensors, numpy_to_wire  # noqa: E402
+from fedmoe.common.auth import SESSION_METADATA, TOKEN_METADATA  # noqa: E402
+from fedmoe.common.config import upload_prefixes  # noqa: E402
+from fedmoe.common.grpc_options import CHANNEL_OPTIONS  # noqa: E402
+from fedmoe.common.model_schema import model_schema  # noqa: E402
+from fedmoe.common.proto import pb, rpc  # noqa: E402
+from fedmoe.common.tensors import chunk_tensors, numpy_to_wire  # noqa: E402
 
 LISTENING = "FEDMOE_LISTENING "
 NUM_SAMPLES = 100  # within the synthetic set's bound; the same every round, as the book requires
@@ -347,8 +347,8 @@ def percentile(values: list[float], q: float) -> float | None:
 def plan_seconds_in_process(args: argparse.Namespace) -> float:
     """Time FedMoEDA.aggregate on the run's shapes (fallback when the coordinator does not
     report its own aggregate time)."""
-    from common.config import make_config
-    from coordinator.strategies import FedMoEDA, PeerUpdate
+    from fedmoe.common.config import make_config
+    from fedmoe.coordinator.strategies import FedMoEDA, PeerUpdate
 
     cfg = make_config(
         peers=args.peers,

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.accounting import ByteCounter  # noqa: E402
-from common.grpc_options import CHANNEL_OPTIONS, SERVER_OPTIONS  # noqa: E402
-from common.proto import pb  # noqa: E402
-from common.tensors import TensorSpec, numpy_to_wire  # noqa: E402
-from peer.expert_client import ExpertClient  # noqa: E402
-from peer.expert_service import ExpertExchangeService, add_expert_exchange  # noqa: E402
-from peer.expert_store import ExpertStore  # noqa: E402
+from fedmoe.common.accounting import ByteCounter  # noqa: E402
+from fedmoe.common.grpc_options import CHANNEL_OPTIONS, SERVER_OPTIONS  # noqa: E402
+from fedmoe.common.proto import pb  # noqa: E402
+from fedmoe.common.tensors import TensorSpec, numpy_to_wire  # noqa: E402
+from fedmoe.peer.expert_client import ExpertClient  # noqa: E402
+from fedmoe.peer.expert_service import ExpertExchangeService, expert_server  # noqa: E402
+from fedmoe.peer.expert_store import ExpertStore  # noqa: E402
 
 MB = 1_000_000
 
@@ -54,8 +53,8 @@ def serve(sizes: list[int], repeats: int, chunk_bytes: int, host: str) -> None:
         for rep in range(repeats):
             store.publish(round_id(i, rep), {0: wire}, chunk_bytes)
             store.set_orders(round_id(i, rep), {"bench": ([0], "")})  # (experts, ticket)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
-    add_expert_exchange(server, ExpertExchangeService(store, ByteCounter()))
+    # The peer's own server: ExpertExchange behind the counting interceptor, as in a run.
+    server = expert_server(ExpertExchangeService(store, ByteCounter()), 4, SERVER_OPTIONS)
     # The same bytes as bare gRPC messages (no protobuf, no checks): gRPC's own ceiling here.
     bare_blob = b"".join(payloads.values())
 

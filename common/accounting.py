@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from common.proto import pb
+from fedmoe.common.proto import pb
 
 CLASSES = ("coordinator", "p2p")
 DIRECTIONS = ("sent", "received")
@@ -128,7 +128,7 @@ class CountingInterceptor(
       and each retry of it, counts what moved;
     - `skip` names methods counted elsewhere: ReportMetrics, whose report and ack the
       coordinator adds to the round's record (the report cannot hold its own size).
-    The serving side (the coordinator, ExpertExchange) still counts by hand: see there why."""
+    The serving side counts with CountingServerInterceptor, by the same rules."""
 
     def __init__(self, counter: ByteCounter, klass: str, skip: frozenset[str] = frozenset()):
         if klass not in CLASSES:
@@ -187,3 +187,119 @@ class CountingInterceptor(
         if rounds:
             self.counter.message(rounds[0], self.klass, "received", reply)
         return outcome
+
+
+# ---------------------------------------------------------------- counting in the server
+
+
+def message_size(message: Message | bytes) -> int:
+    """A message's serialized size; pre-serialized messages (ExpertExchange's chunks) are bytes."""
+    return len(message) if isinstance(message, bytes) else message.ByteSize()
+
+
+class CountingServerInterceptor(grpc.ServerInterceptor):
+    """Counts, on a server, the serialized size of every message of the calls of one service, in
+    one class, under the round of the call (`message_round`), into the counter that
+    `counter_of(request)` names (the coordinator has one; a peer host has one per hosted peer,
+    chosen by the request's source_id; None: a call nobody counts, e.g. one for no peer here).
+
+    The rules mirror CountingInterceptor's:
+    - unary replies count request and reply once the handler returns (a refused call is not);
+    - response streams count the request and each message as it goes out, from the first one
+      on, or the request alone when the stream ends empty; a call refused before it streams
+      anything (authentication, a bad round) is not counted;
+    - request streams (uploads) count each message as it comes in, from the one that names the
+      round on: what arrived was carried by the network, accepted or not; the reply when sent.
+    Other services on the same server (health) pass through."""
+
+    def __init__(
+        self,
+        service: str,
+        klass: str,
+        counter_of: Callable[[Message], ByteCounter | None],
+    ) -> None:
+        if klass not in CLASSES:
+            raise ValueError(f"unknown traffic class {klass}")
+        self.prefix = f"/{service}/"
+        self.klass = klass
+        self.counter_of = counter_of
+
+    def _count(self, counter: ByteCounter, round_: int, direction: str, m: Any) -> None:
+        counter.add(round_, self.klass, direction, message_size(m))
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or not str(details.method).startswith(self.prefix):
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._unary_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._stream_unary(handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # no bidirectional streams in this protocol
+
+    def _unary_unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(request: Message, context: grpc.ServicerContext) -> Any:
+            reply = behavior(request, context)
+            counter = self.counter_of(request)
+            round_ = message_round(request, reply)
+            if counter is not None and round_ is not None:
+                self._count(counter, round_, "received", request)
+                self._count(counter, round_, "sent", reply)
+            return reply
+
+        return counted
+
+    def _unary_stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(request: Message, context: grpc.ServicerContext) -> Iterator[Any]:
+            counter = self.counter_of(request)
+            round_ = message_round(request)
+            if counter is None or round_ is None:
+                yield from behavior(request, context)
+                return
+            started = False
+            for message in behavior(request, context):
+                if not started:
+                    self._count(counter, round_, "received", request)
+                    started = True
+                self._count(counter, round_, "sent", message)
+                yield message
+            if not started:
+                self._count(counter, round_, "received", request)
+
+        return counted
+
+    def _stream_unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(requests: Iterator[Message], context: grpc.ServicerContext) -> Any:
+            named: list[tuple[ByteCounter, int]] = []  # (counter, round) once a message names it
+
+            def incoming() -> Iterator[Message]:
+                for message in requests:
+                    round_ = message_round(message)
+                    if not named and round_ is not None:
+                        counter = self.counter_of(message)
+                        if counter is not None:
+                            named.append((counter, round_))
+                    if named:
+                        self._count(*named[0], "received", message)
+                    yield message
+
+            reply = behavior(incoming(), context)
+            if named:
+                self._count(*named[0], "sent", reply)
+            return reply
+
+        return counted

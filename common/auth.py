@@ -11,7 +11,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from common.atomic import atomic_write_bytes
+from fedmoe.common.atomic import atomic_write_bytes
 
 TOKEN_METADATA = "x-fedmoe-token"
 SESSION_METADATA = "x-fedmoe-session"

@@ -15,7 +15,7 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 
-from common.proto import pb
+from fedmoe.common.proto import pb
 
 ALGORITHMS: dict[str, int] = {
     "fedmoe-da": pb.FEDMOE_DA,
@@ -28,7 +28,7 @@ AGGREGATIONS = ("mean", "median", "trimmed-mean")
 
 
 def _datasets() -> tuple[str, ...]:
-    from common.data import DATASETS  # late: keeps this module light for the wire layer
+    from fedmoe.common.data import DATASETS  # late: keeps this module light for the wire layer
 
     return tuple(DATASETS)
 

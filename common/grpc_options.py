@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 
-from common.tensors import WireLimits
+from fedmoe.common.tensors import WireLimits
 
 MAX_MESSAGE_BYTES = WireLimits().max_chunk_bytes + (1 << 20)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from common.refusal import Reason
+from fedmoe.common.refusal import Reason
 
 STATUS: dict[Reason, grpc.StatusCode] = {
     Reason.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,

@@ -6,8 +6,8 @@ tests/test_model_schema.py builds the torch model and compares, so the two canno
 
 from __future__ import annotations
 
-from common.data import DATASET_SPECS
-from common.proto import pb
+from fedmoe.common.data import DATASET_SPECS
+from fedmoe.common.proto import pb
 
 Shape = tuple[int, ...]
 

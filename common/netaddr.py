@@ -6,7 +6,7 @@ import ipaddress
 import re
 from collections.abc import Sequence
 
-from common.logsafe import clip
+from fedmoe.common.logsafe import clip
 
 
 def _parse_host_port(address: str) -> tuple[str, int, bool]:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.logsafe import clip
-from common.proto import pb
+from fedmoe.common.logsafe import clip
+from fedmoe.common.proto import pb
 
 
 class WireError(ValueError):

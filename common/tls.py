@@ -16,8 +16,8 @@ from pathlib import Path
 
 import grpc
 
-from common.atomic import atomic_write_bytes
-from common.logsafe import clip
+from fedmoe.common.atomic import atomic_write_bytes
+from fedmoe.common.logsafe import clip
 
 # A node name becomes a file name (NAME.crt) and a certificate's common name: nothing that could
 # leave the directory ("../x", "/etc/x") or confuse a shell or a log.

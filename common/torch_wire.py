@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.proto import pb
-from common.tensors import WireError, WireTensor
+from fedmoe.common.proto import pb
+from fedmoe.common.tensors import WireError, WireTensor
 
 TORCH_DTYPES: dict[int, torch.dtype] = {
     pb.FLOAT32: torch.float32,

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_write
-from common.proto import pb
-from coordinator.membership import Member
-from coordinator.rounds import RoundBook
-from coordinator.strategies import PeerUpdate
+from fedmoe.common.atomic import atomic_write
+from fedmoe.common.proto import pb
+from fedmoe.coordinator.membership import Member
+from fedmoe.coordinator.rounds import RoundBook
+from fedmoe.coordinator.strategies import PeerUpdate
 
 STATE = "state.json"
 MEMBERS = "members.jsonl"

@@ -12,20 +12,20 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common import faults
-from common.accounting import ByteCounter
-from common.auth import CredentialError, load_token, new_token_file
-from common.grpc_options import SERVER_OPTIONS
-from common.netaddr import is_loopback_listen
-from common.proto import pb, rpc
-from common.tls import TlsFiles, add_port
-from common.wire_counters import METHOD, WireMeter
-from common.wire_counters import detect as detect_interfaces
-from coordinator.checkpoint import CoordinatorCheckpoint
-from coordinator.results import RunResults
-from coordinator.rounds import RoundBook
-from coordinator.service import CoordinatorService, heartbeat_ms
-from coordinator.strategies import make_strategy
+from fedmoe.common import faults
+from fedmoe.common.accounting import ByteCounter, CountingServerInterceptor
+from fedmoe.common.auth import CredentialError, load_token, new_token_file
+from fedmoe.common.grpc_options import SERVER_OPTIONS
+from fedmoe.common.netaddr import is_loopback_listen
+from fedmoe.common.proto import pb, rpc
+from fedmoe.common.tls import TlsFiles, add_port
+from fedmoe.common.wire_counters import METHOD, WireMeter
+from fedmoe.common.wire_counters import detect as detect_interfaces
+from fedmoe.coordinator.checkpoint import CoordinatorCheckpoint
+from fedmoe.coordinator.results import RunResults
+from fedmoe.coordinator.rounds import RoundBook
+from fedmoe.coordinator.service import CoordinatorService, heartbeat_ms
+from fedmoe.coordinator.strategies import make_strategy
 
 log = logging.getLogger("fedmoe.coordinator")
 TICK_SECONDS = 0.25
@@ -132,12 +132,15 @@ def run_coordinator(
     # Honest peers hold at most ~3 calls each (result wait, heartbeat, report); calls beyond the
     # pool are refused (RESOURCE_EXHAUSTED) instead of queueing behind held threads.
     workers = max(16, 4 * cfg.peers + 8)
+    # Every Coordinator call's messages are counted in one place, under the round they name.
+    counting = CountingServerInterceptor("fedmoe.v1.Coordinator", "coordinator", lambda _: counter)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=workers,
+        interceptors=[counting],
     )
-    service = CoordinatorService(book, counter, token, tls=tls is not None)
+    service = CoordinatorService(book, token, tls=tls is not None)
     rpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.config import participants, takes_part
-from common.netaddr import check_advertise
-from common.proto import pb
-from common.refusal import Reason, Refused
+from fedmoe.common.config import participants, takes_part
+from fedmoe.common.netaddr import check_advertise
+from fedmoe.common.proto import pb
+from fedmoe.common.refusal import Reason, Refused
 
 # The event log is bounded: a member (or a stolen token) that rejoins in a loop cannot grow the
 # coordinator's memory or its checkpoint. The oldest events give way; their count is kept.

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from common.atomic import atomic_write_json as write_json
-from common.config import algorithm_name, config_to_dict
-from common.proto import pb
+from fedmoe.common.atomic import atomic_write_json as write_json
+from fedmoe.common.config import algorithm_name, config_to_dict
+from fedmoe.common.proto import pb
 
 
 def strict(data: Any) -> Any:

@@ -30,14 +30,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common.config import takes_part, upload_prefixes
-from common.logsafe import clip
-from common.model_schema import model_schema
-from common.proto import pb
-from common.refusal import Reason, Refused
-from coordinator.ledger import Due, ReportLedger
-from coordinator.membership import MAX_EVENTS, EventLog, Member, Membership
-from coordinator.strategies import PeerUpdate, RoundOutcome, Strategy, Term
+from fedmoe.common.config import takes_part, upload_prefixes
+from fedmoe.common.logsafe import clip
+from fedmoe.common.model_schema import model_schema
+from fedmoe.common.proto import pb
+from fedmoe.common.refusal import Reason, Refused
+from fedmoe.coordinator.ledger import Due, ReportLedger
+from fedmoe.coordinator.membership import MAX_EVENTS, EventLog, Member, Membership
+from fedmoe.coordinator.strategies import PeerUpdate, RoundOutcome, Strategy, Term
 
 # Upper bounds of a peer's training rows per built-in data set (all the set's rows; CIFAR-10's
 # full training set). A claimed sample count above it is a lie that would buy FedAvg weight.

@@ -20,17 +20,23 @@ from typing import Any, NoReturn
 
 import grpc
 
-from common.accounting import PHASES, ByteCounter
-from common.auth import SESSION_METADATA, TOKEN_METADATA
-from common.config import ALGORITHM_NAMES, upload_prefixes
-from common.grpc_status import status_of
-from common.logsafe import clip, clip_text
-from common.proto import pb, rpc
-from common.refusal import Refused
-from common.tensors import TensorAssembler, TensorSpec, WireError, chunk_tensors, numpy_to_wire
-from common.tls import peer_identity
-from coordinator.membership import Member
-from coordinator.rounds import RoundBook
+from fedmoe.common.accounting import PHASES
+from fedmoe.common.auth import SESSION_METADATA, TOKEN_METADATA
+from fedmoe.common.config import ALGORITHM_NAMES, upload_prefixes
+from fedmoe.common.grpc_status import status_of
+from fedmoe.common.logsafe import clip, clip_text
+from fedmoe.common.proto import pb, rpc
+from fedmoe.common.refusal import Refused
+from fedmoe.common.tensors import (
+    TensorAssembler,
+    TensorSpec,
+    WireError,
+    chunk_tensors,
+    numpy_to_wire,
+)
+from fedmoe.common.tls import peer_identity
+from fedmoe.coordinator.membership import Member
+from fedmoe.coordinator.rounds import RoundBook
 
 log = logging.getLogger("fedmoe.coordinator")
 
@@ -123,12 +129,12 @@ def _check_report(request: pb.MetricsReport, cfg: pb.RunConfig) -> str | None:
 
 
 class CoordinatorService(rpc.CoordinatorServicer):
-    def __init__(
-        self, book: RoundBook, counter: ByteCounter, token: str, tls: bool = False
-    ) -> None:
+    """The coordinator's calls. Their bytes are counted by the server's
+    CountingServerInterceptor (coordinator/main.py), not here."""
+
+    def __init__(self, book: RoundBook, token: str, tls: bool = False) -> None:
         self.book = book
         self.cfg = book.cfg
-        self.counter = counter  # the coordinator's own view, per round, for cross-checks
         self.token = token
         self.tls = tls  # under mutual TLS a certificate name is bound to the index it joins as
         self.told_finished: set[str] = set()  # members a heartbeat told that the run is over
@@ -222,8 +228,6 @@ class CoordinatorService(rpc.CoordinatorServicer):
             heartbeat_ms=heartbeat_ms(self.cfg),
             member_secret=member.secret,
         )
-        self.counter.message(start, "coordinator", "received", request)
-        self.counter.message(start, "coordinator", "sent", reply)
         return reply
 
     def Heartbeat(
@@ -245,8 +249,6 @@ class CoordinatorService(rpc.CoordinatorServicer):
             reported=self.book.reported_to(member.peer_id, request.round),
             left=self.book.left(),
         )
-        self.counter.message(request.round, "coordinator", "received", request)
-        self.counter.message(request.round, "coordinator", "sent", reply)
         return reply
 
     def SubmitUpdate(
@@ -277,7 +279,6 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"session of {member.peer_id} used as {clip_text(header.peer_id)}",
             )
-        sizes = first.ByteSize()
         tensors: dict = {}
         try:
             self.book.check_round(header.round)
@@ -292,7 +293,6 @@ class CoordinatorService(rpc.CoordinatorServicer):
             for part in parts:  # waiting for the network here, outside the gate
                 if not part.HasField("chunk"):
                     raise WireError("a second header inside one update stream")
-                sizes += part.ByteSize()
                 with self._decoding:
                     assembler.add(part.chunk)
             with self._decoding:
@@ -302,10 +302,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update from {member.peer_id}: {e}")
         except Refused as e:
             _refuse(context, e)
-        finally:  # what arrived was carried by the network, accepted or not
-            self.counter.add(header.round, "coordinator", "received", sizes)
         ack = pb.UpdateAck(round=header.round, tensors=len(tensors))
-        self.counter.message(header.round, "coordinator", "sent", ack)
         return ack
 
     def GetRoundResult(
@@ -322,7 +319,6 @@ class CoordinatorService(rpc.CoordinatorServicer):
     def _round_result(
         self, member: Member, request: pb.RoundRequest, closed: Any, version: int
     ) -> Iterator[pb.RoundResultPart]:
-        self.counter.message(request.round, "coordinator", "received", request)
         me = member.peer_id
         rows = closed.outcome.plans.get(me, {})
         sources = sorted({t.peer_id for terms in rows.values() for t in terms} - {me})
@@ -352,7 +348,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 for r, e in sorted(orders.items())
             ],
         )
-        yield from self._stream(request.round, plan, closed.outcome.shared)
+        yield from self._stream(plan, closed.outcome.shared)
 
     def GetLatestModel(
         self, request: pb.LatestRequest, context: grpc.ServicerContext
@@ -368,25 +364,17 @@ class CoordinatorService(rpc.CoordinatorServicer):
     def _latest(
         self, request: pb.LatestRequest, round_: int, version: int, shared: dict[str, Any]
     ) -> Iterator[pb.RoundResultPart]:
-        self.counter.message(request.round, "coordinator", "received", request)
-        yield from self._stream(
-            request.round, pb.Plan(round=round_, embedding_version=version), shared
-        )
+        yield from self._stream(pb.Plan(round=round_, embedding_version=version), shared)
 
-    def _stream(
-        self, count_round: int, plan: pb.Plan, shared: dict[str, Any]
-    ) -> Iterator[pb.RoundResultPart]:
+    def _stream(self, plan: pb.Plan, shared: dict[str, Any]) -> Iterator[pb.RoundResultPart]:
         first = pb.RoundResultPart(plan=plan)
-        self.counter.message(count_round, "coordinator", "sent", first)
         yield first
         cached = self._shared_parts
         if cached is None or cached[0] is not shared:  # a new round's aggregate
             wire = (numpy_to_wire(n, a) for n, a in sorted(shared.items()))
             parts = [pb.RoundResultPart(chunk=c) for c in chunk_tensors(wire, self.cfg.chunk_bytes)]
             self._shared_parts = cached = (shared, parts)  # a race only encodes it twice
-        for part in cached[1]:
-            self.counter.message(count_round, "coordinator", "sent", part)
-            yield part
+        yield from cached[1]
 
     def ReportMetrics(
         self, request: pb.MetricsReport, context: grpc.ServicerContext
@@ -441,8 +429,6 @@ class CoordinatorService(rpc.CoordinatorServicer):
             self.book.report(member, request.round, record)
         except Refused as e:
             _refuse(context, e)
-        self.counter.message(request.round, "coordinator", "received", request)
-        self.counter.message(request.round, "coordinator", "sent", ack)
         if last:
             with self._blocking(context) as w:
                 finished = self.book.wait_run_finished(w.seconds, w.cancelled)

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from common.config import OPTIONS, ConfigError, Option, make_config
+from fedmoe.common.config import OPTIONS, ConfigError, Option, make_config
 
 
 def _flag_type(option: Option):  # type: ignore[no-untyped-def]
@@ -104,7 +104,7 @@ def security_argv(args: argparse.Namespace) -> list[str]:
 def tls_from_args(args: argparse.Namespace, default_name: str):  # -> TlsFiles | None
     if not args.tls:
         return None
-    from common.tls import load_tls
+    from fedmoe.common.tls import load_tls
 
     if not args.certs:
         raise SystemExit("--tls needs --certs DIR (make one with `fedmoe certs DIR`)")
@@ -112,7 +112,7 @@ def tls_from_args(args: argparse.Namespace, default_name: str):  # -> TlsFiles |
 
 
 def advertise_allow_from_args(args: argparse.Namespace) -> tuple:
-    from common.netaddr import parse_cidrs
+    from fedmoe.common.netaddr import parse_cidrs
 
     try:
         return tuple(parse_cidrs(args.advertise_allow))
@@ -162,7 +162,7 @@ def check_local_data(cfg) -> None:  # type: ignore[no-untyped-def]
     the split works (each peer would otherwise find out only after it joined)."""
     from pathlib import Path
 
-    from common.data import DataError, load_peer_data
+    from fedmoe.common.data import DataError, load_peer_data
 
     if cfg.dataset == "cifar10":
         if not cfg.data_dir:
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "coordinator":
-            from coordinator.main import run_coordinator
+            from fedmoe.coordinator.main import run_coordinator
 
             return run_coordinator(
                 config_from_args(args),
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 advertise_allow_from_args(args),
             )
         if args.command == "peer":
-            from peer.main import run_peers
+            from fedmoe.peer.main import run_peers
 
             if args.cert_name and len(args.index) > 1:
                 raise SystemExit(
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             check_local_data(cfg)
             return run_local(args, cfg)
         if args.command == "certs":
-            from common.tls import make_certs
+            from fedmoe.common.tls import make_certs
 
             nodes = ["coordinator", *(f"peer-{k}" for k in range(args.peers)), *args.node]
             hosts = ["localhost", "127.0.0.1", *args.host]

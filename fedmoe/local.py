@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.atomic import atomic_write_json
-from common.auth import new_token_file
-from common.config import config_to_argv
-from common.proto import pb
 from fedmoe.cli import security_argv
+from fedmoe.common.atomic import atomic_write_json
+from fedmoe.common.auth import new_token_file
+from fedmoe.common.config import config_to_argv
+from fedmoe.common.proto import pb
 from fedmoe.report import print_report
 
 LISTENING = "FEDMOE_LISTENING "

@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from common.accounting import PHASES
+from fedmoe.common.accounting import PHASES
 
 
 def load_records(run_dir: Path) -> list[dict]:

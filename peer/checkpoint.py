@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from common.atomic import atomic_write, atomic_write_bytes
+from fedmoe.common.atomic import atomic_write, atomic_write_bytes
 
 
 class PeerCheckpoint:

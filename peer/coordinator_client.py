@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 
-from common.accounting import ByteCounter, CountingInterceptor
-from common.auth import SESSION_METADATA, TOKEN_METADATA
-from common.grpc_options import CHANNEL_OPTIONS
-from common.proto import pb, rpc
-from common.retry import coordinator_stream, retry_stream
-from common.tensors import TensorAssembler, TensorSpec, WireTensor, chunk_tensors
-from common.tls import TlsFiles, channel
+from fedmoe.common.accounting import ByteCounter, CountingInterceptor
+from fedmoe.common.auth import SESSION_METADATA, TOKEN_METADATA
+from fedmoe.common.grpc_options import CHANNEL_OPTIONS
+from fedmoe.common.proto import pb, rpc
+from fedmoe.common.retry import coordinator_stream, retry_stream
+from fedmoe.common.tensors import TensorAssembler, TensorSpec, WireTensor, chunk_tensors
+from fedmoe.common.tls import TlsFiles, channel
 
 
 class CoordinatorClient:

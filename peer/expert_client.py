@@ -12,11 +12,11 @@ from collections.abc import Mapping
 
 import grpc
 
-from common.accounting import ByteCounter, CountingInterceptor
-from common.grpc_options import CHANNEL_OPTIONS
-from common.proto import pb, rpc
-from common.tensors import TensorAssembler, TensorSpec, WireLimits, WireTensor, check_value
-from common.tls import TlsFiles, channel
+from fedmoe.common.accounting import ByteCounter, CountingInterceptor
+from fedmoe.common.grpc_options import CHANNEL_OPTIONS
+from fedmoe.common.proto import pb, rpc
+from fedmoe.common.tensors import TensorAssembler, TensorSpec, WireLimits, WireTensor, check_value
+from fedmoe.common.tls import TlsFiles, channel
 
 
 class ExpertClient:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from common.plan import Term  # shared with the coordinator's strategies: see common/plan.py
+from fedmoe.common.plan import Term  # shared with the coordinator's strategies: see common/plan.py
 
 
 def merge_experts(

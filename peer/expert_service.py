@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
-from common import faults
-from common.accounting import ByteCounter
-from common.logsafe import clip
-from common.proto import pb, rpc
-from peer.expert_store import ExpertStore, ServeRefused
+from fedmoe.common import faults
+from fedmoe.common.accounting import ByteCounter, CountingServerInterceptor
+from fedmoe.common.logsafe import clip
+from fedmoe.common.proto import pb, rpc
+from fedmoe.peer.expert_store import ExpertStore, ServeRefused
 
 log = logging.getLogger("fedmoe.peer")
 
@@ -27,6 +30,25 @@ log = logging.getLogger("fedmoe.peer")
 def _serialize_chunk(chunk: bytes | pb.TensorChunk) -> bytes:
     """Chunks come pre-serialized from the store; a TensorChunk message is serialized as usual."""
     return chunk if isinstance(chunk, bytes) else chunk.SerializeToString()
+
+
+def expert_server(
+    service: ExpertExchangeService,
+    workers: int,
+    options: list[tuple[str, Any]],
+    maximum_concurrent_rpcs: int | None = None,
+) -> grpc.Server:
+    """A gRPC server serving `service`, every served message counted as p2p in the counter of the
+    hosted peer it is for (CountingServerInterceptor). Add a port, then start it."""
+    counting = CountingServerInterceptor("fedmoe.v1.ExpertExchange", "p2p", service.counter_of)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts"),
+        options=options,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+        interceptors=[counting],
+    )
+    add_expert_exchange(server, service)
+    return server
 
 
 def add_expert_exchange(server: grpc.Server, service: ExpertExchangeService) -> None:
@@ -79,6 +101,11 @@ class ExpertExchangeService(rpc.ExpertExchangeServicer):
             self._peers[peer_id] = peer
             if self.hosted == 1:
                 self._only = peer
+
+    def counter_of(self, request: Message) -> ByteCounter | None:
+        """The byte counter of the hosted peer an ExpertRequest names (None: nobody here)."""
+        peer = self._route(getattr(request, "source_id", ""))
+        return None if peer is None else peer.counter
 
     def _route(self, source_id: str) -> HostedPeer | None:
         with self._lock:
@@ -133,13 +160,10 @@ class ExpertExchangeService(rpc.ExpertExchangeServicer):
             )
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
             return
-        # Counted under the request's round: this peer reports that round only after serving.
-        # Explicit, not a server interceptor: the counter is the hosted peer's that the request
-        # names (one server, several peers), only an accepted request counts, and the chunks go
-        # out pre-serialized (their size is len(chunk), not a message's ByteSize()).
-        peer.counter.message(request.round, "p2p", "received", request)
+        # Counted by the server's CountingServerInterceptor (`counter_of`) under the request's
+        # round, in the counter of the hosted peer it names: this peer reports that round only
+        # after serving.
         for chunk in chunks:
-            peer.counter.add(request.round, "p2p", "sent", len(chunk))
             faults.count("kill_after_served_chunks", peer.peer_id or None)
             yield chunk
         peer.store.mark_served(request.round, request.requester_id)

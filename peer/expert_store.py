@@ -11,7 +11,7 @@ import hmac
 import threading
 from collections.abc import Callable
 
-from common.tensors import WireTensor, chunk_tensors
+from fedmoe.common.tensors import WireTensor, chunk_tensors
 
 # Requester ids are "peer-<k>"; tickets are short tokens. Anything longer is refused unread.
 MAX_REQUESTER_CHARS = 64

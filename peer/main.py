@@ -14,28 +14,27 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import torch
 
-from common.accounting import ByteCounter
-from common.auth import CredentialError, load_token
-from common.config import is_sync_round
-from common.data import DataError, clear_dataset_cache, load_peer_data
-from common.grpc_options import SERVER_OPTIONS
-from common.netaddr import is_loopback_listen, split_host_port
-from common.tls import TlsFiles, add_port
-from common.wire_counters import WireMeter
-from common.wire_counters import detect as detect_interfaces
-from peer.checkpoint import MemberSecret, PeerCheckpoint
-from peer.coordinator_client import CoordinatorClient
-from peer.expert_client import ExpertClient
-from peer.expert_service import ExpertExchangeService, add_expert_exchange
-from peer.expert_store import ExpertStore
-from peer.runner import BadAggregate, PeerRunner
-from peer.trainer import COMPUTE_LOCK, LocalTrainer, build_model
+from fedmoe.common.accounting import ByteCounter
+from fedmoe.common.auth import CredentialError, load_token
+from fedmoe.common.config import is_sync_round
+from fedmoe.common.data import DataError, clear_dataset_cache, load_peer_data
+from fedmoe.common.grpc_options import SERVER_OPTIONS
+from fedmoe.common.netaddr import is_loopback_listen, split_host_port
+from fedmoe.common.tls import TlsFiles, add_port
+from fedmoe.common.wire_counters import WireMeter
+from fedmoe.common.wire_counters import detect as detect_interfaces
+from fedmoe.peer.checkpoint import MemberSecret, PeerCheckpoint
+from fedmoe.peer.coordinator_client import CoordinatorClient
+from fedmoe.peer.expert_client import ExpertClient
+from fedmoe.peer.expert_service import ExpertExchangeService, expert_server
+from fedmoe.peer.expert_store import ExpertStore
+from fedmoe.peer.runner import BadAggregate, PeerRunner
+from fedmoe.peer.trainer import COMPUTE_LOCK, LocalTrainer, build_model
 
 log = logging.getLogger("fedmoe.peer")
 
@@ -249,13 +248,8 @@ def run_peers(
     # Calls queue for a thread up to 4x the pool (honest fan-in: every requester of a sync round
     # at once), beyond that they are refused (RESOURCE_EXHAUSTED): a flood is bounded in memory,
     # and it cannot park the threads either (waits in the store end with the caller's deadline).
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts"),
-        options=EXPERT_SERVER_OPTIONS,
-        maximum_concurrent_rpcs=4 * workers,
-    )
     service = ExpertExchangeService(hosted=len(indices))
-    add_expert_exchange(server, service)
+    server = expert_server(service, workers, EXPERT_SERVER_OPTIONS, 4 * workers)
     try:
         # One endpoint for all hosted peers; it presents the first one's certificate.
         port = add_port(server, listen, tls[indices[0]] if tls else None)

@@ -28,20 +28,20 @@ from contextlib import contextmanager
 import grpc
 import torch
 
-from common import faults
-from common.accounting import PHASES, ByteCounter
-from common.config import is_sync_round, takes_part, upload_prefixes
-from common.proto import pb
-from common.retry import FETCH_RETRY, retry_stream
-from common.tensors import TensorSpec, WireError, WireTensor, check_values
-from common.torch_wire import torch_to_wire, wire_to_torch
-from common.wire_counters import WireMeter
-from peer.checkpoint import PeerCheckpoint
-from peer.coordinator_client import CoordinatorClient, is_status
-from peer.expert_client import ExpertClient
-from peer.expert_merge import Term, merge_experts
-from peer.expert_store import ExpertStore
-from peer.trainer import LocalTrainer
+from fedmoe.common import faults
+from fedmoe.common.accounting import PHASES, ByteCounter
+from fedmoe.common.config import is_sync_round, takes_part, upload_prefixes
+from fedmoe.common.proto import pb
+from fedmoe.common.retry import FETCH_RETRY, retry_stream
+from fedmoe.common.tensors import TensorSpec, WireError, WireTensor, check_values
+from fedmoe.common.torch_wire import torch_to_wire, wire_to_torch
+from fedmoe.common.wire_counters import WireMeter
+from fedmoe.peer.checkpoint import PeerCheckpoint
+from fedmoe.peer.coordinator_client import CoordinatorClient, is_status
+from fedmoe.peer.expert_client import ExpertClient
+from fedmoe.peer.expert_merge import Term, merge_experts
+from fedmoe.peer.expert_store import ExpertStore
+from fedmoe.peer.trainer import LocalTrainer
 
 log = logging.getLogger("fedmoe.peer")
 

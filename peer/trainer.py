@@ -7,9 +7,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from common.data import ArrayDataset, PeerData
-from common.proto import pb
-from peer.model import MoEModel
+from fedmoe.common.data import ArrayDataset, PeerData
+from fedmoe.common.proto import pb
+from fedmoe.peer.model import MoEModel
 
 # Peers hosted in one process share its torch runtime and device: they train and evaluate one
 # after another (each with all of the process's threads) rather than all at once, which would only

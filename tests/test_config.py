@@ -8,7 +8,8 @@ import json
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from common.config import (
+from fedmoe import cli
+from fedmoe.common.config import (
     DEFAULTS,
     OPTIONS,
     ConfigError,
@@ -17,8 +18,7 @@ from common.config import (
     make_config,
     validate,
 )
-from common.proto import pb
-from fedmoe import cli
+from fedmoe.common.proto import pb
 
 # Which Python type an option may have for each proto field type.
 COMPATIBLE = {

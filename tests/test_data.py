@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import common.data as data_module
-from common.data import (
+import fedmoe.common.data as data_module
+from fedmoe.common.data import (
     DATASETS,
     ArrayDataset,
     DataError,

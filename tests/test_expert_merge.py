@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from peer.expert_merge import Term, merge_experts
+from fedmoe.peer.expert_merge import Term, merge_experts
 
 
 def expert(m: int, value: float) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from common.tensors import numpy_to_wire
-from peer.expert_store import DENIED, MAX_REQUESTER_CHARS, ExpertStore, ServeRefused
+from fedmoe.common.tensors import numpy_to_wire
+from fedmoe.peer.expert_store import DENIED, MAX_REQUESTER_CHARS, ExpertStore, ServeRefused
 
 
 def store_at(round_: int, wait_timeout: float = 30.0) -> ExpertStore:

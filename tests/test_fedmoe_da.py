@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from coordinator.rounds import serve_orders
-from coordinator.strategies import FedMoEDA, PeerUpdate
-from coordinator.strategies.fedmoe_da import aggregation_weights, correlation
+from fedmoe.coordinator.rounds import serve_orders
+from fedmoe.coordinator.strategies import FedMoEDA, PeerUpdate
+from fedmoe.coordinator.strategies.fedmoe_da import aggregation_weights, correlation
 
 S = 1 / math.sqrt(2)
 # Four 2-d proxies: east, north-east, north, west.

@@ -16,13 +16,13 @@ import grpc
 import numpy as np
 import pytest
 
-from common.auth import SESSION_METADATA, TOKEN_METADATA
-from common.config import upload_prefixes
-from common.grpc_options import CHANNEL_OPTIONS
-from common.model_schema import model_schema
-from common.proto import pb, rpc
-from common.tensors import chunk_tensors, numpy_to_wire
-from common.tls import channel, load_tls
+from fedmoe.common.auth import SESSION_METADATA, TOKEN_METADATA
+from fedmoe.common.config import upload_prefixes
+from fedmoe.common.grpc_options import CHANNEL_OPTIONS
+from fedmoe.common.model_schema import model_schema
+from fedmoe.common.proto import pb, rpc
+from fedmoe.common.tensors import chunk_tensors, numpy_to_wire
+from fedmoe.common.tls import channel, load_tls
 from tests.cluster import FEDMOE, Cluster, rss_mb
 
 TOKEN = "hostile-test-token-0123456789abcdef"
@@ -349,7 +349,7 @@ def test_a_member_serving_poisoned_experts_is_dropped_by_every_fetcher(tmp_path:
     first tensor, drops the source, renormalises Eq. 10 over the rest and completes the run."""
     from concurrent import futures
 
-    from common.grpc_options import SERVER_OPTIONS
+    from fedmoe.common.grpc_options import SERVER_OPTIONS
 
     run = [*FAST, "--rounds", "3", "--min-peers", "3", "--aggregation", "median"]
     run += ["--neighbors", "50"]  # every row keeps the whole pool: all fetch from the attacker

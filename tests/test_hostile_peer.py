@@ -21,10 +21,10 @@ import grpc
 import numpy as np
 import pytest
 
-from common.accounting import ByteCounter
-from common.grpc_options import CHANNEL_OPTIONS, SERVER_OPTIONS
-from common.proto import pb, rpc
-from common.tensors import (
+from fedmoe.common.accounting import ByteCounter
+from fedmoe.common.grpc_options import CHANNEL_OPTIONS, SERVER_OPTIONS
+from fedmoe.common.proto import pb, rpc
+from fedmoe.common.tensors import (
     TensorSpec,
     WireError,
     WireTensor,
@@ -32,9 +32,9 @@ from common.tensors import (
     chunk_tensors,
     numpy_to_wire,
 )
-from common.tls import add_port, channel, load_tls, make_certs, peer_identity
-from peer.expert_client import ExpertClient
-from peer.expert_store import DENIED
+from fedmoe.common.tls import add_port, channel, load_tls, make_certs, peer_identity
+from fedmoe.peer.expert_client import ExpertClient
+from fedmoe.peer.expert_store import DENIED
 from tests.cluster import FEDMOE, Cluster, free_port, rss_mb
 
 ROUNDS = 3

@@ -8,9 +8,15 @@ from concurrent import futures
 import grpc
 import pytest
 
-from common.accounting import ByteCounter, CountingInterceptor, message_round
-from common.grpc_options import CHANNEL_OPTIONS, SERVER_OPTIONS
-from common.proto import pb, rpc
+from fedmoe.common.accounting import (
+    ByteCounter,
+    CountingInterceptor,
+    CountingServerInterceptor,
+    message_round,
+    message_size,
+)
+from fedmoe.common.grpc_options import CHANNEL_OPTIONS, SERVER_OPTIONS
+from fedmoe.common.proto import pb, rpc
 
 JOIN_REPLY = pb.JoinReply(peer_id="peer-0", start_round=4, session="s" * 32)
 PLAN = pb.RoundResultPart(plan=pb.Plan(round=2, sync=True))
@@ -100,3 +106,56 @@ def test_message_round_table() -> None:
     assert message_round(pb.ExpertRequest(round=8)) == 8
     with pytest.raises(ValueError):
         CountingInterceptor(ByteCounter(), "elsewhere")
+
+
+# ---------------------------------------------------------------- the serving side
+
+
+@pytest.fixture
+def served_counter():
+    """The same fake coordinator behind CountingServerInterceptor, called on a plain channel."""
+    counter = ByteCounter()
+    counting = CountingServerInterceptor("fedmoe.v1.Coordinator", "coordinator", lambda _: counter)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS, interceptors=[counting]
+    )
+    rpc.add_CoordinatorServicer_to_server(_Fake(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    yield rpc.CoordinatorStub(channel), counter
+    channel.close()
+    server.stop(None)
+
+
+def test_the_server_counts_what_the_client_counts(served_counter) -> None:
+    stub, counter = served_counter
+    join = pb.JoinRequest(index=0, advertise="127.0.0.1:1")
+    stub.Join(join, timeout=10)
+    assert counter.round_counts(4) == _counts(JOIN_REPLY.ByteSize(), join.ByteSize())
+    beat = pb.HeartbeatRequest(peer_id="peer-0", round=3)
+    reply = stub.Heartbeat(beat, timeout=10)
+    with pytest.raises(grpc.RpcError):  # refused: not counted
+        stub.Heartbeat(pb.HeartbeatRequest(peer_id="peer-0", round=99), timeout=10)
+    assert counter.round_counts(99) == _counts()
+    report = pb.MetricsReport(peer_id="peer-0", round=3, accuracy=0.5)
+    ack = stub.ReportMetrics(report, timeout=10)  # the coordinator counts reports too
+    assert counter.round_counts(3) == _counts(
+        reply.ByteSize() + ack.ByteSize(), beat.ByteSize() + report.ByteSize()
+    )
+    request = pb.RoundRequest(peer_id="peer-0", round=2)
+    assert list(stub.GetRoundResult(request, timeout=10)) == [PLAN, CHUNK]
+    assert counter.round_counts(2) == _counts(
+        PLAN.ByteSize() + CHUNK.ByteSize(), request.ByteSize()
+    )
+    parts = [pb.UpdatePart(header=pb.UpdateHeader(peer_id="peer-0", round=5, num_samples=7))]
+    parts += [pb.UpdatePart(chunk=CHUNK.chunk)] * 3
+    ack2 = stub.SubmitUpdate(iter(parts), timeout=10)
+    assert counter.round_counts(5) == _counts(ack2.ByteSize(), sum(p.ByteSize() for p in parts))
+
+
+def test_the_server_counts_pre_serialized_chunks_by_length() -> None:
+    assert message_size(b"x" * 17) == 17
+    assert message_size(PLAN) == PLAN.ByteSize()
+    with pytest.raises(ValueError):
+        CountingServerInterceptor("fedmoe.v1.Coordinator", "elsewhere", lambda _: None)

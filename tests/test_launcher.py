@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common import faults
+from fedmoe.common import faults
 from tests.cluster import FEDMOE
 
 RUN = [

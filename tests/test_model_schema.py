@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import make_config
-from common.data import DATASET_SPECS
-from common.model_schema import model_schema
-from peer.model import MoEModel
+from fedmoe.common.config import make_config
+from fedmoe.common.data import DATASET_SPECS
+from fedmoe.common.model_schema import model_schema
+from fedmoe.peer.model import MoEModel
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASET_SPECS))

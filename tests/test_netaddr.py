@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from common.netaddr import check_advertise, parse_cidrs
+from fedmoe.common.netaddr import check_advertise, parse_cidrs
 
 
 @pytest.mark.parametrize(

@@ -10,22 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from common.accounting import ByteCounter
-from common.config import make_config, participants
-from common.grpc_options import CHANNEL_OPTIONS, SERVER_OPTIONS
-from common.proto import pb, rpc
-from common.tensors import numpy_to_wire
 from fedmoe.cli import parse_indices
+from fedmoe.common.accounting import ByteCounter
+from fedmoe.common.config import make_config, participants
+from fedmoe.common.grpc_options import CHANNEL_OPTIONS, SERVER_OPTIONS
+from fedmoe.common.proto import pb, rpc
+from fedmoe.common.tensors import numpy_to_wire
 from fedmoe.local import split_ranges
-from peer.expert_service import ExpertExchangeService, add_expert_exchange
-from peer.expert_store import ExpertStore
+from fedmoe.peer.expert_service import ExpertExchangeService, expert_server
+from fedmoe.peer.expert_store import ExpertStore
 from tests.cluster import FEDMOE, Cluster, free_port
 
 SMALL = [
@@ -171,11 +170,10 @@ def test_partial_participation_rounds_hold_exactly_the_sampled_peers(tmp_path: P
 
 
 def _hosted_server(stores: dict[str, ExpertStore], counters: dict[str, ByteCounter]):  # type: ignore[no-untyped-def]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     service = ExpertExchangeService(hosted=len(stores))
     for peer_id, store in stores.items():
         service.add_peer(peer_id, store, counters[peer_id])
-    add_expert_exchange(server, service)
+    server = expert_server(service, 4, SERVER_OPTIONS)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
@@ -281,7 +279,7 @@ def test_local_refuses_more_processes_than_peers(tmp_path: Path) -> None:
 def test_hosted_peers_read_the_dataset_once_and_keep_only_their_rows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from common import data
+    from fedmoe.common import data
 
     calls: list[tuple] = []
     real = data.load_dataset
@@ -311,7 +309,7 @@ def test_hosted_peers_read_the_dataset_once_and_keep_only_their_rows(
 
 
 def test_member_secret_is_private_and_replaced_atomically(tmp_path: Path) -> None:
-    from peer.checkpoint import MemberSecret
+    from fedmoe.peer.checkpoint import MemberSecret
 
     secret = MemberSecret(tmp_path / "state", 3)
     assert secret.load() == ""  # first join: nothing to prove

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from common.accounting import PHASES
-from common.proto import pb
-from coordinator.service import _check_report
+from fedmoe.common.accounting import PHASES
+from fedmoe.common.proto import pb
+from fedmoe.coordinator.service import _check_report
+from fedmoe.peer.runner import PhaseTimer
 from fedmoe.report import format_phase_table, phase_table
-from peer.runner import PhaseTimer
 
 FEDMOE = [sys.executable, "-m", "fedmoe.cli"]
 # Rounding to 4 decimals in the record, per phase and for the total.

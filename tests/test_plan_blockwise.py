@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.strategies import FedMoEDA, PeerUpdate
-from coordinator.strategies.fedmoe_da import (
+from fedmoe.coordinator.strategies import FedMoEDA, PeerUpdate
+from fedmoe.coordinator.strategies.fedmoe_da import (
     POP_LIMIT,
     _blas_single_thread,
     _pool,

@@ -8,9 +8,9 @@ from concurrent import futures
 import grpc
 import pytest
 
-from common.grpc_options import CHANNEL_OPTIONS, SERVER_OPTIONS
-from common.proto import pb, rpc
-from common.retry import FETCH_RETRY, StreamRetry, coordinator_stream, retry_stream
+from fedmoe.common.grpc_options import CHANNEL_OPTIONS, SERVER_OPTIONS
+from fedmoe.common.proto import pb, rpc
+from fedmoe.common.retry import FETCH_RETRY, StreamRetry, coordinator_stream, retry_stream
 
 
 class _Error(grpc.RpcError):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.strategies import PeerUpdate, RobustCombine
-from coordinator.strategies.fedavg import weighted_average
+from fedmoe.coordinator.strategies import PeerUpdate, RobustCombine
+from fedmoe.coordinator.strategies.fedavg import weighted_average
 
 
 def updates(values: list[float], samples: list[int] | None = None) -> list[PeerUpdate]:

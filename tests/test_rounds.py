@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.config import make_config
-from common.model_schema import model_schema
-from coordinator.rounds import Refused, RoundBook
-from coordinator.strategies import make_strategy
+from fedmoe.common.config import make_config
+from fedmoe.common.model_schema import model_schema
+from fedmoe.coordinator.rounds import Refused, RoundBook
+from fedmoe.coordinator.strategies import make_strategy
 
 
 class Clock:
@@ -175,7 +175,7 @@ def test_upload_must_match_the_models_schema() -> None:
 
 
 def test_partial_participation_closes_when_the_sampled_members_uploaded() -> None:
-    from common.config import participants
+    from fedmoe.common.config import participants
 
     book, _, written = make_book(peers=6, clients_per_round=2)
     members = {k: book.join(k, f"h{k}:1") for k in range(6)}
@@ -198,7 +198,7 @@ def test_partial_participation_closes_when_the_sampled_members_uploaded() -> Non
 
 
 def test_rounds_sample_different_members() -> None:
-    from common.config import make_config, participants
+    from fedmoe.common.config import make_config, participants
 
     cfg = make_config(peers=100, clients_per_round=10, seed=3)
     draws = [tuple(participants(cfg, r)) for r in range(1, 6)]
@@ -264,7 +264,7 @@ def test_waits_end_at_the_callers_deadline_or_cancellation() -> None:
 
 
 def test_event_log_is_bounded() -> None:
-    from coordinator.rounds import MAX_EVENTS
+    from fedmoe.coordinator.rounds import MAX_EVENTS
 
     book, _, _ = make_book()
     a = book.join(0, "h0:1")
@@ -274,7 +274,7 @@ def test_event_log_is_bounded() -> None:
 
 
 def test_join_journal_restores_members_without_rewriting_the_state(tmp_path) -> None:
-    from coordinator.checkpoint import CoordinatorCheckpoint
+    from fedmoe.coordinator.checkpoint import CoordinatorCheckpoint
 
     config = make_config(peers=2, rounds=2, dataset="synthetic", embed_dim=4, num_experts=2)
     ckpt = CoordinatorCheckpoint(tmp_path)

@@ -12,14 +12,14 @@ import grpc
 import numpy as np
 import pytest
 
-from common.accounting import ByteCounter
-from common.auth import SESSION_METADATA, TOKEN_METADATA
-from common.grpc_options import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, SERVER_OPTIONS
-from common.proto import pb, rpc
-from common.tensors import chunk_tensor, numpy_to_wire
-from common.tls import add_port, channel, load_tls
-from peer.expert_service import ExpertExchangeService, add_expert_exchange
-from peer.expert_store import ExpertStore
+from fedmoe.common.accounting import ByteCounter
+from fedmoe.common.auth import SESSION_METADATA, TOKEN_METADATA
+from fedmoe.common.grpc_options import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, SERVER_OPTIONS
+from fedmoe.common.proto import pb, rpc
+from fedmoe.common.tensors import chunk_tensor, numpy_to_wire
+from fedmoe.common.tls import add_port, channel, load_tls
+from fedmoe.peer.expert_service import ExpertExchangeService, add_expert_exchange
+from fedmoe.peer.expert_store import ExpertStore
 from tests.cluster import FEDMOE, Cluster, free_port
 
 TOKEN = "s3cret-token-for-this-run-0123456789"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.proto import pb
-from common.tensors import (
+from fedmoe.common.proto import pb
+from fedmoe.common.tensors import (
     DTYPES,
     TensorAssembler,
     TensorSpec,
@@ -19,7 +19,7 @@ from common.tensors import (
     chunk_tensor,
     numpy_to_wire,
 )
-from common.torch_wire import TORCH_DTYPES, torch_to_wire, wire_to_torch
+from fedmoe.common.torch_wire import TORCH_DTYPES, torch_to_wire, wire_to_torch
 
 
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -8,8 +8,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.proto import pb
-from common.tensors import (
+from fedmoe.common.proto import pb
+from fedmoe.common.tensors import (
     TensorAssembler,
     TensorSpec,
     WireError,

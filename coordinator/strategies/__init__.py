@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from common.proto import pb
-from coordinator.strategies.base import PeerUpdate, RoundOutcome, Strategy, Term
-from coordinator.strategies.fedavg import FedAvg, Local
-from coordinator.strategies.fedmoe_da import FedMoEDA
-from coordinator.strategies.robust import RobustCombine
+from fedmoe.common.proto import pb
+from fedmoe.coordinator.strategies.base import PeerUpdate, RoundOutcome, Strategy, Term
+from fedmoe.coordinator.strategies.fedavg import FedAvg, Local
+from fedmoe.coordinator.strategies.fedmoe_da import FedMoEDA
+from fedmoe.coordinator.strategies.robust import RobustCombine
 
 
 def make_strategy(cfg: pb.RunConfig) -> Strategy:

@@ -8,7 +8,9 @@ from typing import Protocol
 
 import numpy as np
 
-from common.plan import Term  # shared with the peer (peer/expert_merge.py): see common/plan.py
+from fedmoe.common.plan import (
+    Term,  # shared with the peer (peer/expert_merge.py): see common/plan.py
+)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.strategies.base import Combine, PeerUpdate, RoundOutcome
+from fedmoe.coordinator.strategies.base import Combine, PeerUpdate, RoundOutcome
 
 
 def weighted_average(updates: list[PeerUpdate], prefix: str = "") -> dict[str, np.ndarray]:

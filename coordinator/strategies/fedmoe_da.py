@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.strategies.base import Combine, PeerUpdate, RoundOutcome, Term
-from coordinator.strategies.fedavg import weighted_average
+from fedmoe.coordinator.strategies.base import Combine, PeerUpdate, RoundOutcome, Term
+from fedmoe.coordinator.strategies.fedavg import weighted_average
 
 try:  # installed with scikit-learn; without it BLAS keeps its default threads
     from threadpoolctl import threadpool_limits

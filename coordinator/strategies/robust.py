@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-from coordinator.strategies.base import PeerUpdate
-from coordinator.strategies.fedavg import weighted_average
+from fedmoe.coordinator.strategies.base import PeerUpdate
+from fedmoe.coordinator.strategies.fedavg import weighted_average
 
 
 class RobustCombine:
