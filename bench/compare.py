@@ -44,7 +44,7 @@ def run_variant(name: str, flags: list[str], common: list[str], out: Path) -> di
     for r in records:
         row = per_round.setdefault(r["round"], {"coordinator": 0, "p2p": 0})
         row["coordinator"] += r["bytes"]["coordinator_sent"] + r["bytes"]["coordinator_received"]
-        row["p2p"] += r["bytes"]["p2p_sent"] + r["bytes"]["p2p_received"]
+        row["p2p"] += r["bytes"]["p2p_sent"]  # each p2p message once (bytes_moved)
     return {
         "variant": name,
         "flags": flags,

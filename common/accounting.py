@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -75,6 +75,19 @@ class ByteCounter:
             for (_, k, d), n in self._counts.items():
                 out[f"{k}_{d}"] += n
         return out
+
+
+def bytes_moved(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """What the network carried, each message once, from per-peer counts (records' `bytes`).
+
+    A coordinator message has one peer end: it is in that peer's coordinator_sent or _received.
+    A p2p message has two: one peer's p2p_sent is another's p2p_received, so only what the peers
+    sent is added (the received side is the cross-check: equal when no peer was lost mid-round)."""
+    out = {"coordinator": 0, "p2p": 0}
+    for c in counts:
+        out["coordinator"] += c["coordinator_sent"] + c["coordinator_received"]
+        out["p2p"] += c["p2p_sent"]
+    return out
 
 
 # ---------------------------------------------------------------- counting in the channel

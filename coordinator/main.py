@@ -33,7 +33,8 @@ TICK_SECONDS = 0.25
 
 def wire_summary(wire: WireMeter, by_round: dict[int, dict[str, int]], records: list[dict]) -> dict:
     """Wire bytes per role. The coordinator's interface carries only coordinator-class traffic,
-    so with every node measured: p2p = all peers' interface bytes - the coordinator's."""
+    and every p2p packet crosses two peers' interfaces (out of one, into another), so with every
+    node measured: p2p (each packet once) = (all peers' interface bytes - the coordinator's) / 2."""
     peers: dict[str, dict[str, int]] = {}
     unmeasured = set()
     for rec in records:
@@ -52,7 +53,9 @@ def wire_summary(wire: WireMeter, by_round: dict[int, dict[str, int]], records: 
         if (wire.measured or peers)
         else "not measured: no node has an interface of its own",
         "coordinator": coordinator,
-        "p2p": peer_total - coordinator if all_measured and coordinator is not None else None,
+        "p2p": (peer_total - coordinator) // 2
+        if all_measured and coordinator is not None
+        else None,
         "peers_total": peer_total if peers else None,
         "by_role": {
             "coordinator": {
@@ -65,7 +68,8 @@ def wire_summary(wire: WireMeter, by_round: dict[int, dict[str, int]], records: 
         },
         "note": (
             "classes told apart by role: the coordinator's interface carries only coordinator "
-            "traffic; p2p = peers' interface bytes minus the coordinator's. Counted from process "
+            "traffic; p2p = (peers' interface bytes minus the coordinator's) / 2, each packet once "
+            "(it leaves one peer's interface and enters another's). Counted from process "
             "start to each node's last round (the final acks and connection close are not)."
         ),
     }

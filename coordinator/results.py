@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from fedmoe.common.accounting import bytes_moved
 from fedmoe.common.atomic import atomic_write_json as write_json
 from fedmoe.common.config import algorithm_name, config_to_dict
 from fedmoe.common.proto import pb
@@ -79,10 +80,8 @@ class RunResults:
         n = len(records)
         acc = sum(r["accuracy"] for r in records) / n
         gacc = sum(r["global_accuracy"] for r in records) / n
-        coord = sum(
-            r["bytes"]["coordinator_sent"] + r["bytes"]["coordinator_received"] for r in records
-        )
-        p2p = sum(r["bytes"]["p2p_sent"] + r["bytes"]["p2p_received"] for r in records)
+        moved = bytes_moved(r["bytes"] for r in records)
+        coord, p2p = moved["coordinator"], moved["p2p"]
         secs = max(r["seconds"] for r in records)
         print(
             f"[{algorithm_name(self.cfg)}] round {round_}/{self.cfg.rounds}  "
@@ -117,14 +116,12 @@ class RunResults:
             "final_accuracy_mean": mean("accuracy"),
             "final_global_accuracy_mean": mean("global_accuracy"),
             "final_accuracy_by_peer": {r["peer"]: r["accuracy"] for r in final},
-            "bytes": {
-                "coordinator": totals["coordinator_sent"] + totals["coordinator_received"],
-                "p2p": totals["p2p_sent"] + totals["p2p_received"],
-            },
+            "bytes": bytes_moved([totals]),
             "bytes_by_direction": totals,
             "bytes_note": (
-                "application bytes: protobuf-serialized size of every gRPC message, counted by "
-                "each peer (sent plus received, all peers, all rounds)"
+                "application bytes: protobuf-serialized size of every gRPC message, each message "
+                "once (coordinator: sent plus received of every peer; p2p: what the peers sent, "
+                "which bytes_by_direction.p2p_received counts again at the receiving end)"
             ),
             "seconds": round(time.time() - self.started, 3),
             "config": config_to_dict(self.cfg),

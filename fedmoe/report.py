@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from fedmoe.common.accounting import PHASES
+from fedmoe.common.accounting import PHASES, bytes_moved
 
 
 def load_records(run_dir: Path) -> list[dict]:
@@ -34,7 +34,7 @@ def round_table(records: list[dict]) -> list[dict]:
                     x["bytes"]["coordinator_sent"] + x["bytes"]["coordinator_received"]
                     for x in recs
                 ),
-                "p2p_bytes": sum(x["bytes"]["p2p_sent"] + x["bytes"]["p2p_received"] for x in recs),
+                "p2p_bytes": bytes_moved(x["bytes"] for x in recs)["p2p"],
                 "seconds": max(x["seconds"] for x in recs),
             }
         )

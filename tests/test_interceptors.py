@@ -12,6 +12,7 @@ from fedmoe.common.accounting import (
     ByteCounter,
     CountingInterceptor,
     CountingServerInterceptor,
+    bytes_moved,
     message_round,
     message_size,
 )
@@ -159,3 +160,12 @@ def test_the_server_counts_pre_serialized_chunks_by_length() -> None:
     assert message_size(PLAN) == PLAN.ByteSize()
     with pytest.raises(ValueError):
         CountingServerInterceptor("fedmoe.v1.Coordinator", "elsewhere", lambda _: None)
+
+
+def test_bytes_moved_counts_each_message_once() -> None:
+    # peer-0 sent 100 p2p bytes that peer-1 received, and each talked to the coordinator.
+    counts = [
+        {"coordinator_sent": 10, "coordinator_received": 20, "p2p_sent": 100, "p2p_received": 0},
+        {"coordinator_sent": 5, "coordinator_received": 7, "p2p_sent": 0, "p2p_received": 100},
+    ]
+    assert bytes_moved(counts) == {"coordinator": 42, "p2p": 100}
