@@ -39,7 +39,8 @@ def merge_experts(
             suffix = name.split(".", 2)[2]  # "experts.<m>.fc1.weight" -> "fc1.weight"
             acc = torch.zeros_like(own[m][name], dtype=torch.float32)
             for w, src in available:
-                acc += (w / total) * _param(src, suffix).to(torch.float32)
+                # Fetched experts arrive on the CPU; the own ones live on the model's device.
+                acc += (w / total) * _param(src, suffix).to(acc.device, torch.float32)
             out[name] = acc.to(own[m][name].dtype)
         merged[m] = out
     return merged, missing

@@ -20,9 +20,11 @@ from google.protobuf.message import Message
 
 from fedmoe.common import faults
 from fedmoe.common.accounting import ByteCounter, CountingServerInterceptor
+from fedmoe.common.grpc_status import status_of
 from fedmoe.common.logsafe import clip
 from fedmoe.common.proto import pb, rpc
-from fedmoe.peer.expert_store import ExpertStore, ServeRefused
+from fedmoe.common.refusal import Refused
+from fedmoe.peer.expert_store import ExpertStore
 
 log = logging.getLogger("fedmoe.peer")
 
@@ -151,14 +153,14 @@ class ExpertExchangeService(rpc.ExpertExchangeServicer):
                 wait_seconds=wait,
                 cancelled=cancelled,
             )
-        except ServeRefused as e:
+        except Refused as e:
             log.warning(
                 "refused expert request from %s to %s: %s",
                 clip(request.requester_id),
                 peer.peer_id or "this peer",
                 e,
             )
-            context.abort(getattr(grpc.StatusCode, e.code), str(e))
+            context.abort(status_of(e.reason), str(e))
             return
         # Counted by the server's CountingServerInterceptor (`counter_of`) under the request's
         # round, in the counter of the hosted peer it names: this peer reports that round only

@@ -11,6 +11,7 @@ import hmac
 import threading
 from collections.abc import Callable
 
+from fedmoe.common.refusal import Reason, Refused
 from fedmoe.common.tensors import WireTensor, chunk_tensors
 
 # Requester ids are "peer-<k>"; tickets are short tokens. Anything longer is refused unread.
@@ -18,12 +19,6 @@ MAX_REQUESTER_CHARS = 64
 MAX_TICKET_CHARS = 256
 DENIED = "no valid ticket for this request"
 _NO_TICKET = "\x00" * 32  # compared against when the requester has no order: never matches
-
-
-class ServeRefused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class ExpertStore:
@@ -94,9 +89,9 @@ class ExpertStore:
         """
         # Bounds first: nothing below looks at an oversized id or list.
         if len(requester) > MAX_REQUESTER_CHARS or len(ticket) > MAX_TICKET_CHARS:
-            raise ServeRefused("PERMISSION_DENIED", DENIED)
+            raise Refused(Reason.NOT_ALLOWED, DENIED)
         if len(experts) > self.max_experts:
-            raise ServeRefused("INVALID_ARGUMENT", f"more than {self.max_experts} experts asked")
+            raise Refused(Reason.BAD_REQUEST, f"more than {self.max_experts} experts asked")
         wait = self.wait_timeout if wait_seconds is None else min(wait_seconds, self.wait_timeout)
         with self._cv:
 
@@ -109,14 +104,14 @@ class ExpertStore:
                 return cancelled is not None and cancelled.is_set()
 
             if not self.has_experts(round_) or gone():
-                raise ServeRefused("NOT_FOUND", f"no experts of round {round_} are served here")
+                raise Refused(Reason.NOTHING_THERE, f"no experts of round {round_} are served here")
             # The requester may get its plan before this peer has read its own: wait for it
             # (or for this peer to leave the round, or for the caller to go away).
             self._cv.wait_for(lambda: round_ in self._orders or gone() or stop(), max(0.0, wait))
             if stop():
-                raise ServeRefused("CANCELLED", "the call was cancelled")
+                raise Refused(Reason.CANCELLED, "the call was cancelled")
             if round_ not in self._orders:
-                raise ServeRefused("NOT_FOUND", f"no plan for round {round_} here yet")
+                raise Refused(Reason.NOTHING_THERE, f"no plan for round {round_} here yet")
             entry = self._orders[round_].get(requester)
             # Compared even for an unknown requester, so that timing does not tell them apart.
             planned, expected_ticket = entry if entry is not None else (set(), _NO_TICKET)
@@ -125,13 +120,13 @@ class ExpertStore:
                 and entry is not None
                 and set(experts) == planned
             ):
-                raise ServeRefused("PERMISSION_DENIED", DENIED)
+                raise Refused(Reason.NOT_ALLOWED, DENIED)
             # A holder of the ticket may learn that it was used (a retry after a broken stream).
             if requester in self._served[round_]:
-                raise ServeRefused("ALREADY_EXISTS", "this ticket was already used")
+                raise Refused(Reason.DONE_ALREADY, "this ticket was already used")
             snapshot = self._snapshots.get(round_)
             if snapshot is None:
-                raise ServeRefused("NOT_FOUND", f"no expert snapshot for round {round_}")
+                raise Refused(Reason.NOTHING_THERE, f"no expert snapshot for round {round_}")
             return [chunk for m in sorted(planned) for chunk in snapshot[m]]
 
     def wake(self) -> None:

@@ -8,8 +8,10 @@ import time
 import numpy as np
 import pytest
 
+from fedmoe.common.grpc_status import status_of
+from fedmoe.common.refusal import Refused
 from fedmoe.common.tensors import numpy_to_wire
-from fedmoe.peer.expert_store import DENIED, MAX_REQUESTER_CHARS, ExpertStore, ServeRefused
+from fedmoe.peer.expert_store import DENIED, MAX_REQUESTER_CHARS, ExpertStore
 
 
 def store_at(round_: int, wait_timeout: float = 30.0) -> ExpertStore:
@@ -23,9 +25,10 @@ def store_at(round_: int, wait_timeout: float = 30.0) -> ExpertStore:
 
 def refusal(fn, *args, **kwargs) -> tuple[str, str, float]:  # type: ignore[no-untyped-def]
     started = time.monotonic()
-    with pytest.raises(ServeRefused) as info:
+    with pytest.raises(Refused) as info:
         fn(*args, **kwargs)
-    return info.value.code, str(info.value), time.monotonic() - started
+    # As a caller sees it: the gRPC status the service turns the reason into.
+    return status_of(info.value.reason).name, str(info.value), time.monotonic() - started
 
 
 def test_planned_request_is_served_once() -> None:

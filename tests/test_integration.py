@@ -153,7 +153,11 @@ def test_peer_asked_for_a_missing_gpu_fails_at_start() -> None:
 def test_local_pins_peers_to_gpus_round_robin_and_fails_clearly_without_them(
     tmp_path: Path,
 ) -> None:
-    # No GPU on this machine: the peers given cuda:0 and cuda:1 stop at start, with the reason.
+    # Two GPU numbers past the machine's last GPU (0 and 1 where there is none): both peers
+    # stop at start, with the reason, and so does the run.
+    import torch
+
+    n = torch.cuda.device_count()
     proc = run_cli(
         "local",
         "--peers",
@@ -163,10 +167,11 @@ def test_local_pins_peers_to_gpus_round_robin_and_fails_clearly_without_them(
         "--dataset",
         "synthetic",
         "--gpus",
-        "0,1",
+        f"{n},{n + 1}",
         "--out",
         str(tmp_path),
     )
     assert proc.returncode == 1
-    assert "peer 0 on cuda:0" in proc.stdout and "peer 1 on cuda:1" in proc.stdout
-    assert "failed" in proc.stderr and "no CUDA GPU is available" in proc.stderr
+    assert f"peer 0 on cuda:{n}" in proc.stdout and f"peer 1 on cuda:{n + 1}" in proc.stdout
+    reason = "no CUDA GPU is available" if n == 0 else f"only {n} GPU(s) exist"
+    assert "failed" in proc.stderr and reason in proc.stderr
