@@ -135,8 +135,11 @@ class _BytesCollector(Collector):
     """Bytes read from live byte counters at scrape time (nothing is copied), labelled
     `labels` (e.g. peer) then class and direction."""
 
-    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
+    def __init__(
+        self, name: str, doc: str, labels: tuple[str, ...], classes: tuple[str, ...] = CLASSES
+    ) -> None:
         self.name = name
+        self.classes = classes
         self.doc = doc
         self.labels = labels
         self._lock = threading.Lock()
@@ -154,7 +157,7 @@ class _BytesCollector(Collector):
             sources = list(self._sources.items())
         for values, totals in sources:
             counts = totals()
-            for klass in CLASSES:
+            for klass in self.classes:
                 for direction in DIRECTIONS:
                     family.add_metric(
                         [*values, klass, direction], counts.get(f"{klass}_{direction}", 0)
@@ -189,6 +192,7 @@ class CoordinatorTelemetry(_Endpoint):
             "fedmoe_coordinator_bytes",
             "bytes of Coordinator calls counted by the coordinator's server, live",
             (),
+            ("coordinator",),  # no expert byte ever passes the coordinator
         )
         r.register(self.own_bytes)
         self.accuracy = Gauge(
