@@ -18,9 +18,17 @@ from fedmoe.common.auth import CredentialError, load_token, new_token_file
 from fedmoe.common.grpc_options import SERVER_OPTIONS
 from fedmoe.common.netaddr import is_loopback_listen
 from fedmoe.common.proto import pb, rpc
+from fedmoe.common.reflection import REFLECTION_SERVICES, TokenGate, enable_reflection
+from fedmoe.common.telemetry import (
+    CoordinatorTelemetry,
+    MetricsEndpoint,
+    RefusalInterceptor,
+    announce,
+)
 from fedmoe.common.tls import TlsFiles, add_port
 from fedmoe.common.wire_counters import METHOD, WireMeter
 from fedmoe.common.wire_counters import detect as detect_interfaces
+from fedmoe.coordinator.board import RoundBoard
 from fedmoe.coordinator.checkpoint import CoordinatorCheckpoint
 from fedmoe.coordinator.results import RunResults
 from fedmoe.coordinator.rounds import RoundBook
@@ -75,6 +83,26 @@ def wire_summary(wire: WireMeter, by_round: dict[int, dict[str, int]], records: 
     }
 
 
+def _open_board(logdir: Path) -> RoundBoard:
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        return RoundBoard(logdir)
+    except (OSError, ImportError) as e:
+        raise SystemExit(f"coordinator: --tensorboard {logdir}: {e}") from e
+
+
+def _serve_metrics(telemetry: CoordinatorTelemetry, where: MetricsEndpoint) -> None:
+    try:
+        port = telemetry.serve(where)
+    except OSError as e:
+        raise SystemExit(
+            f"coordinator: cannot serve metrics on {where.host}:{where.port}: {e}"
+        ) from e
+    line = announce(where, port)
+    log.info("%s", line)
+    print(line, flush=True)
+
+
 def run_coordinator(
     cfg: pb.RunConfig,
     listen: str,
@@ -84,6 +112,8 @@ def run_coordinator(
     tls: TlsFiles | None,
     wire_iface: str | None = None,
     advertise_allow: tuple = (),
+    metrics: MetricsEndpoint | None = None,
+    tensorboard: Path | None = None,
 ) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     wire = WireMeter(detect_interfaces(wire_iface, on_loopback=is_loopback_listen(listen)))
@@ -109,6 +139,8 @@ def run_coordinator(
             )
         cfg = saved
     results: RunResults | None = None
+    telemetry = CoordinatorTelemetry() if metrics is not None else None
+    board = _open_board(tensorboard) if tensorboard is not None else None
 
     def write_round(round_: int, records: list) -> None:
         assert results is not None  # created below, before the server accepts a report
@@ -116,6 +148,11 @@ def run_coordinator(
         if lap is not None:
             wire_by_round[round_] = {"received": lap[0], "sent": lap[1]}
         results.write_round(round_, records)
+        # After metrics.jsonl: the live views show only what the run directory holds.
+        if telemetry is not None:
+            telemetry.round_written(round_, records)
+        if board is not None:
+            board.write_round(round_, records)
 
     book = RoundBook(cfg, make_strategy(cfg), write_round, checkpoint)
     book.advertise_allow = advertise_allow
@@ -138,22 +175,33 @@ def run_coordinator(
     workers = max(16, 4 * cfg.peers + 8)
     # Every Coordinator call's messages are counted in one place, under the round they name.
     counting = CountingServerInterceptor("fedmoe.v1.Coordinator", "coordinator", lambda _: counter)
+    # Outermost first: refusals are seen as the caller sees them (the gate's included).
+    interceptors: list[grpc.ServerInterceptor] = [TokenGate(token), counting]
+    if telemetry is not None:
+        watched = ("fedmoe.v1.Coordinator", *REFLECTION_SERVICES)
+        interceptors.insert(0, RefusalInterceptor(watched, telemetry.refused))
+        telemetry.watch_own_bytes(counter.totals)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=workers,
-        interceptors=[counting],
+        interceptors=interceptors,
     )
     service = CoordinatorService(book, token, tls=tls is not None)
     rpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, ("fedmoe.v1.Coordinator", health.SERVICE_NAME))
     try:
         port = add_port(server, listen, tls)
     except RuntimeError as e:
         raise SystemExit(f"coordinator: cannot listen on {listen}: {e}") from e
     if tls is None and not is_loopback_listen(listen):
         log.warning("listening on %s without TLS: traffic is not encrypted (use --tls)", listen)
+    if telemetry is not None:
+        assert metrics is not None
+        telemetry.tick(book.open_round, book.reported_round, len(book.alive()))
+        _serve_metrics(telemetry, metrics)
     server.start()
     host = listen.rsplit(":", 1)[0]
     # The launcher reads this line to learn the port when --listen asked for port 0.
@@ -170,6 +218,8 @@ def run_coordinator(
             book.fail("stopped by a signal")
             break
         book.tick()
+        if telemetry is not None:
+            telemetry.tick(book.open_round, book.reported_round, len(book.alive()))
         if kill_round is not None and book.reported_round >= kill_round:
             faults.kill_now(f"coordinator after round {book.reported_round} (checkpointed)")
     if book.finished:
@@ -183,6 +233,10 @@ def run_coordinator(
     health_servicer.enter_graceful_shutdown()
     # Let held final acks reach their peers before the server goes away.
     server.stop(grace=10).wait()
+    if telemetry is not None:
+        telemetry.close()
+    if board is not None:
+        board.close()
     totals = counter.totals()
     summary = results.write_summary(
         {

@@ -120,6 +120,55 @@ def advertise_allow_from_args(args: argparse.Namespace) -> tuple:
         raise SystemExit(f"coordinator: --advertise-allow: {e}") from e
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in 0..65535 (got {value})")
+    return value
+
+
+def add_telemetry_args(p: argparse.ArgumentParser, ports: str, tensorboard: bool) -> None:
+    """--metrics-port/--metrics-listen (Prometheus, common/telemetry.py) and --tensorboard.
+    `ports` says, in the help, where this command's processes serve."""
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help=f"serve Prometheus metrics (fedmoe_*) at http://HOST:PORT/metrics; {ports}",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the metrics endpoint binds (default 127.0.0.1; it has no authentication, "
+        "so any other address is a deliberate choice)",
+    )
+    if tensorboard:
+        p.add_argument(
+            "--tensorboard",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="write per-round scalars (accuracy, bytes, seconds) as TensorBoard event files "
+            "to DIR, flushed each round: `tensorboard --logdir DIR`",
+        )
+
+
+def metrics_from_args(args: argparse.Namespace):  # -> MetricsEndpoint | None
+    if args.metrics_port is None:
+        return None
+    from fedmoe.common.telemetry import MetricsEndpoint
+
+    try:
+        return MetricsEndpoint(args.metrics_listen.strip("[]"), args.metrics_port)
+    except ValueError as e:
+        raise SystemExit(f"fedmoe: --metrics-listen: {e}") from e
+
+
 # One process may host many peers; 1024 is also the most peers a run may have.
 MAX_INDEX = 1023
 _INDEX_ITEM = re.compile(r"(\d{1,6})(?:\s*-\s*(\d{1,6}))?", re.ASCII)
@@ -190,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated CIDRs peers' advertised addresses must lie in (production)",
     )
     add_run_args(c)
+    add_telemetry_args(c, "port 0: any free port, printed as 'FEDMOE_METRICS URL'", True)
 
     p = sub.add_parser(
         "peer", help="run one peer (or several in one process); exits 0 when the run is over"
@@ -209,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait on any call")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_security_args(p)
+    add_telemetry_args(
+        p,
+        'one endpoint for all peers of this process, labelled peer="peer-K"; port 0: any '
+        "free port, logged as 'FEDMOE_METRICS URL'",
+        False,
+    )
 
     loc = sub.add_parser("local", help="coordinator + N peers as separate processes on loopback")
     add_run_args(loc)
@@ -224,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated GPU ids: one peer process per GPU (with --procs: assigned to "
         "the processes round-robin)",
+    )
+    add_telemetry_args(
+        loc,
+        "the coordinator serves on PORT and peer process i on PORT+1+i; port 0: every process "
+        "takes any free port, the coordinator's is printed and each peer process's is logged "
+        "('FEDMOE_METRICS URL' in its log)",
+        True,
     )
 
     k = sub.add_parser("certs", help="make a development CA and per-node certificates")
@@ -260,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                 tls_from_args(args, "coordinator"),
                 args.wire_iface,
                 advertise_allow_from_args(args),
+                metrics=metrics_from_args(args),
+                tensorboard=args.tensorboard,
             )
         if args.command == "peer":
             from fedmoe.peer.main import run_peers
@@ -285,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.state_dir,
                 tls,
                 args.wire_iface,
+                metrics=metrics_from_args(args),
             )
         if args.command == "local":
             from fedmoe.local import run_local

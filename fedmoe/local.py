@@ -109,6 +109,30 @@ def plan_processes(args: argparse.Namespace, peers: int, out: Path) -> list[Peer
     return plan
 
 
+def check_metrics_ports(args: argparse.Namespace, processes: int) -> None:
+    """--metrics-port PORT needs PORT .. PORT+processes to be ports (ValueError if not)."""
+    port = getattr(args, "metrics_port", None)
+    if port and port + processes > 65535:
+        raise ValueError(
+            f"--metrics-port {port}: the {processes} peer process(es) would need ports up to "
+            f"{port + processes}; choose a lower port, or 0 for any free ports"
+        )
+
+
+def telemetry_argv(args: argparse.Namespace, peer_process: int | None) -> list[str]:
+    """The telemetry flags for the coordinator (peer_process None) or peer process i: metrics
+    on PORT for the coordinator and PORT+1+i for peer process i (all 0 when PORT is 0)."""
+    argv: list[str] = []
+    port = getattr(args, "metrics_port", None)
+    if port is not None:
+        own = port if port == 0 or peer_process is None else port + 1 + peer_process
+        argv += ["--metrics-port", str(own), "--metrics-listen", args.metrics_listen]
+    board = getattr(args, "tensorboard", None)
+    if peer_process is None and board is not None:
+        argv += ["--tensorboard", str(Path(board).resolve())]
+    return argv
+
+
 def _add_launcher_record(out: Path, record: dict[str, Any]) -> None:
     """Add the launcher's view to summary.json: rewritten whole, atomically (temp + rename)."""
     path = out / "summary.json"
@@ -140,6 +164,7 @@ def run_local(args: argparse.Namespace, cfg: pb.RunConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         hosts = plan_processes(args, cfg.peers, out)
+        check_metrics_ports(args, len(hosts))
     except ValueError as e:
         print(f"fedmoe: {e}", file=sys.stderr)
         return 2
@@ -163,6 +188,7 @@ def run_local(args: argparse.Namespace, cfg: pb.RunConfig) -> int:
             # options through their one table, then the security flags given.
             *config_to_argv(cfg),
             *security_argv(args),
+            *telemetry_argv(args, None),
         ],
         stdout=subprocess.PIPE,
         stderr=coord_log,
@@ -212,6 +238,7 @@ def run_local(args: argparse.Namespace, cfg: pb.RunConfig) -> int:
                 cmd += ["--state-dir", str(args.state_dir)]
             if args.tls:
                 cmd += ["--tls", "--certs", str(args.certs)]
+            cmd += telemetry_argv(args, hosts.index(h))
             with open(h.log, "w") as log:  # the child keeps its own descriptor
                 h.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         return _supervise(out, coordinator, hosts, lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -39,15 +39,17 @@ def expert_server(
     workers: int,
     options: list[tuple[str, Any]],
     maximum_concurrent_rpcs: int | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> grpc.Server:
     """A gRPC server serving `service`, every served message counted as p2p in the counter of the
-    hosted peer it is for (CountingServerInterceptor). Add a port, then start it."""
+    hosted peer it is for (CountingServerInterceptor). Add a port, then start it.
+    `interceptors` run before the counting one (telemetry, the reflection gate)."""
     counting = CountingServerInterceptor("fedmoe.v1.ExpertExchange", "p2p", service.counter_of)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experts"),
         options=options,
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
-        interceptors=[counting],
+        interceptors=[*interceptors, counting],
     )
     add_expert_exchange(server, service)
     return server

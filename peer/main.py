@@ -25,6 +25,14 @@ from fedmoe.common.config import is_sync_round
 from fedmoe.common.data import DataError, clear_dataset_cache, load_peer_data
 from fedmoe.common.grpc_options import SERVER_OPTIONS
 from fedmoe.common.netaddr import is_loopback_listen, split_host_port
+from fedmoe.common.reflection import REFLECTION_SERVICES, TokenGate, enable_reflection
+from fedmoe.common.telemetry import (
+    MetricsEndpoint,
+    PeerEvents,
+    PeerTelemetry,
+    RefusalInterceptor,
+    announce,
+)
 from fedmoe.common.tls import TlsFiles, add_port
 from fedmoe.common.wire_counters import WireMeter
 from fedmoe.common.wire_counters import detect as detect_interfaces
@@ -96,8 +104,10 @@ class _Host:
         state_dir: Path | None,
         tls: Mapping[int, TlsFiles] | None,
         wire: WireMeter | None,
+        telemetry: PeerTelemetry | None = None,
     ) -> None:
         self.coordinator = coordinator
+        self.telemetry = telemetry
         self.advertise = advertise
         self.token = token
         self.service = service
@@ -142,6 +152,8 @@ class _Host:
             store.has_experts = lambda r: is_sync_round(cfg, r)
             store.max_experts = cfg.num_experts
             self.service.add_peer(reply.peer_id, store, counter)
+            if self.telemetry is not None:
+                self.telemetry.add_peer(reply.peer_id, counter.totals)
             # Hosted peers share one log file: each logs under its own name.
             plog = logging.getLogger(f"fedmoe.peer.{reply.peer_id}") if self.multi else log
             plog.info(
@@ -187,6 +199,7 @@ class _Host:
                 wire=self.wire,
                 index=index,
                 logger=plog,
+                events=self.telemetry or PeerEvents(),
             )
             runner.run(reply.start_round)
         except grpc.RpcError as e:
@@ -213,6 +226,7 @@ def run_peers(
     state_dir: Path | None = None,
     tls: Mapping[int, TlsFiles] | None = None,
     wire_iface: str | None = None,
+    metrics: MetricsEndpoint | None = None,
 ) -> int:
     """Host the peers `indices` in this process; returns 0 once every one of them is done."""
     if not indices:
@@ -249,13 +263,23 @@ def run_peers(
     # at once), beyond that they are refused (RESOURCE_EXHAUSTED): a flood is bounded in memory,
     # and it cannot park the threads either (waits in the store end with the caller's deadline).
     service = ExpertExchangeService(hosted=len(indices))
-    server = expert_server(service, workers, EXPERT_SERVER_OPTIONS, 4 * workers)
+    telemetry = PeerTelemetry() if metrics is not None else None
+    # Outermost first: refusals are seen as the caller sees them (the gate's included).
+    interceptors: list[grpc.ServerInterceptor] = [TokenGate(token)]
+    if telemetry is not None:
+        watched = ("fedmoe.v1.ExpertExchange", *REFLECTION_SERVICES)
+        interceptors.insert(0, RefusalInterceptor(watched, telemetry.refused))
+    server = expert_server(service, workers, EXPERT_SERVER_OPTIONS, 4 * workers, interceptors)
+    enable_reflection(server, ("fedmoe.v1.ExpertExchange",))
     try:
         # One endpoint for all hosted peers; it presents the first one's certificate.
         port = add_port(server, listen, tls[indices[0]] if tls else None)
     except RuntimeError as e:
         raise SystemExit(f"peer: cannot listen on {listen}: {e}") from e
     advertise = advertise or f"{host}:{port}"
+    if telemetry is not None:
+        assert metrics is not None
+        _serve_metrics(telemetry, metrics)
     server.start()
     hosted = _Host(
         coordinator,
@@ -269,6 +293,7 @@ def run_peers(
         state_dir,
         tls,
         wire,
+        telemetry,
     )
     try:
         if not multi:
@@ -280,8 +305,18 @@ def run_peers(
                 raise SystemExit("\n".join(errors))
     finally:
         server.stop(grace=2).wait()
+        if telemetry is not None:
+            telemetry.close()
     log.info("run finished")
     return 0
+
+
+def _serve_metrics(telemetry: PeerTelemetry, where: MetricsEndpoint) -> None:
+    try:
+        port = telemetry.serve(where)
+    except OSError as e:
+        raise SystemExit(f"peer: cannot serve metrics on {where.host}:{where.port}: {e}") from e
+    log.info("%s", announce(where, port))  # the launcher's peers log to a file: it is there
 
 
 def _run_threads(hosted: _Host, indices: Sequence[int]) -> list[str]:

@@ -33,6 +33,7 @@ from fedmoe.common.accounting import PHASES, ByteCounter
 from fedmoe.common.config import is_sync_round, takes_part, upload_prefixes
 from fedmoe.common.proto import pb
 from fedmoe.common.retry import FETCH_RETRY, retry_stream
+from fedmoe.common.telemetry import PeerEvents
 from fedmoe.common.tensors import TensorSpec, WireError, WireTensor, check_values
 from fedmoe.common.torch_wire import torch_to_wire, wire_to_torch
 from fedmoe.common.wire_counters import WireMeter
@@ -111,8 +112,10 @@ class PeerRunner:
         wire: WireMeter | None = None,
         index: int | None = None,
         logger: logging.Logger | None = None,
+        events: PeerEvents | None = None,
     ) -> None:
         self.cfg = cfg
+        self.events = events or PeerEvents()  # --metrics-port: fetch and round timings
         self.peer_id = peer_id
         # Our index decides which rounds we are sampled for; "peer-K" ids carry it too.
         self.index = index if index is not None else int(peer_id.rsplit("-", 1)[-1])
@@ -317,7 +320,9 @@ class PeerRunner:
             global_accuracy,
             fetched,
         )
-        return self.coordinator.report(report)
+        ack = self.coordinator.report(report)
+        self.events.round_reported(self.peer_id, round_, accuracy, global_accuracy, timer.elapsed())
+        return ack
 
     def _share(self, round_: int, prefixes: tuple[str, ...], sync: bool, timer: PhaseTimer) -> int:
         """Phases upload, wait_for_plan, fetch and merge; returns how many experts arrived."""
@@ -477,7 +482,9 @@ class PeerRunner:
                 )
 
             what = f"{self.peer_id} round {round_}: fetch from {source}"
+            begun = time.perf_counter()
             tensors = retry_stream(call, what, FETCH_RETRY)
+            self.events.fetched(self.peer_id, time.perf_counter() - begun)
             out: FetchedExperts = {}
             for name, tensor in tensors.items():
                 n = int(name.split(".", 2)[1])
