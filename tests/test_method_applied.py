@@ -19,17 +19,25 @@ FEDMOE = [sys.executable, "-m", "fedmoe.cli"]
 PEERS = 3
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, torch.Tensor]]:
-    tmp = tmp_path_factory.mktemp("method")
+# On a machine with a GPU the same run goes through the GPU path too (`--gpus 0`: the peers'
+# models on cuda:0, fetched experts decoded on the CPU); CI has none and runs the CPU path.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def models(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> list[dict[str, torch.Tensor]]:
+    tmp = tmp_path_factory.mktemp(f"method-{request.param}")
     args = ["local", "--peers", str(PEERS), "--rounds", "2", "--dataset", "synthetic"]
+    args += ["--gpus", "0"] if request.param == "cuda" else []
     args += ["--sync-every", "1", "--neighbors", "100", "--temperature", "1e6", "--seed", "3"]
     args += ["--state-dir", str(tmp / "state"), "--out", str(tmp / "run")]
     proc = subprocess.run([*FEDMOE, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = []
     for k in range(PEERS):
-        saved = torch.load(tmp / "state" / f"peer-{k}.pt", weights_only=True)
+        saved = torch.load(tmp / "state" / f"peer-{k}.pt", weights_only=True, map_location="cpu")
         assert saved["round"] == 2
         out.append(saved["model"])
     return out
