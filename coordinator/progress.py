@@ -24,12 +24,15 @@ class RunProgress:
         """One written round: its per-peer records (summed as summary.json sums them)."""
         self.rounds_written += 1
         for rec in records:
-            b = rec["bytes"]
-            self.coordinator_bytes += b["coordinator_sent"] + b["coordinator_received"]
-            self.p2p_bytes += b["p2p_sent"] + b["p2p_received"]
-        if records:
-            self.last_accuracy = sum(r["accuracy"] for r in records) / len(records)
-            self.last_global_accuracy = sum(r["global_accuracy"] for r in records) / len(records)
+            b = rec.get("bytes") or {}  # the service's records have them; the book's tests not
+            self.coordinator_bytes += b.get("coordinator_sent", 0) + b.get(
+                "coordinator_received", 0
+            )
+            self.p2p_bytes += b.get("p2p_sent", 0) + b.get("p2p_received", 0)
+        scored = [r for r in records if "accuracy" in r and "global_accuracy" in r]
+        if scored:
+            self.last_accuracy = sum(r["accuracy"] for r in scored) / len(scored)
+            self.last_global_accuracy = sum(r["global_accuracy"] for r in scored) / len(scored)
         self.written_at = [self.written_at[0] if self.written_at else now, now]
 
     def mean_round_seconds(self) -> float | None:

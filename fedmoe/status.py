@@ -108,6 +108,8 @@ def _reply_dict(reply: Any) -> dict[str, Any]:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"  # digits rounds take well under a second
     s = int(round(seconds))
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)

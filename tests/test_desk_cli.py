@@ -16,18 +16,28 @@ import select
 import struct
 import subprocess
 import termios
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from fedmoe.cli import main, parse_args
+from fedmoe.common.auth import TOKEN_METADATA
+from fedmoe.common.config import make_config
+from fedmoe.common.proto import pb
+from fedmoe.coordinator.progress import RunProgress
+from fedmoe.coordinator.rounds import RoundBook
+from fedmoe.coordinator.service import STATUS_CALLS, CoordinatorService
+from fedmoe.coordinator.strategies import make_strategy
 from fedmoe.progress import BarProgress, PlainProgress, choose_progress
 from fedmoe.run_dir import fresh_run_dir
 from fedmoe.status import StatusError, fetch_status
 from tests.cluster import FEDMOE, Cluster, free_port
 
+BYTE_KEYS = ("coordinator_sent", "coordinator_received", "p2p_sent", "p2p_received")
 TINY = [
     *("--dataset", "synthetic", "--embed-dim", "16", "--expert-hidden", "8", "--experts", "4"),
     *("--sync-every", "1"),
@@ -299,3 +309,83 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
     out = term.getvalue()
     assert "2/3" in out and "acc=0.6500" in out and "global_acc=0.5000" in out
     assert all(line.strip() in out for line in lines)  # the lines scroll above the bar
+
+
+# ---------------------------------------------------------------- the coordinator's side
+
+
+def test_the_eta_comes_from_the_mean_round_time() -> None:
+    p = RunProgress(started=100.0)
+    assert p.mean_round_seconds() is None and p.eta_seconds(5) is None
+    rec = {"accuracy": 0.5, "global_accuracy": 0.25, "bytes": dict.fromkeys(BYTE_KEYS, 10)}
+    p.add([rec, {**rec, "accuracy": 0.7}], now=110.0)  # round 1: start-up included
+    assert p.mean_round_seconds() == 10.0 and p.eta_seconds(4) == 40.0
+    assert p.last_accuracy == pytest.approx(0.6) and p.last_global_accuracy == 0.25
+    assert (p.coordinator_bytes, p.p2p_bytes) == (40, 40)  # sent + received, both peers
+    p.add([rec], now=112.0)
+    p.add([rec], now=114.0)  # from round 2 on: the gaps between rounds, not the start-up
+    assert p.mean_round_seconds() == 2.0 and p.eta_seconds(3) == 6.0
+    assert p.last_accuracy == 0.5 and p.coordinator_bytes == 80
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """The little of grpc.ServicerContext that GetStatus uses."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return [(TOKEN_METADATA, self.token)]
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def abort(self, code: grpc.StatusCode, message: str) -> None:
+        raise _Aborted(code, message)
+
+
+def test_status_calls_are_checked_first_and_capped() -> None:
+    cfg = make_config(peers=2, rounds=3, dataset="synthetic", embed_dim=8, expert_hidden=4)
+    book = RoundBook(cfg, make_strategy(cfg), lambda r, recs: None)
+    service = CoordinatorService(book, "s" * 32)
+    with pytest.raises(_Aborted) as e:
+        service.GetStatus(pb.StatusRequest(), _Context("x" * 32))
+    assert e.value.args[0] == grpc.StatusCode.UNAUTHENTICATED
+
+    reply = service.GetStatus(pb.StatusRequest(), _Context("s" * 32))
+    assert (reply.rounds, reply.reported_round, reply.open_round, reply.peers) == (3, 0, 1, 2)
+    assert list(reply.missing) == ["peer-0", "peer-1"] and not reply.HasField("eta_seconds")
+
+    # STATUS_CALLS calls held inside the book: the next one is refused at once, not queued.
+    inside = threading.Semaphore(0)
+    release = threading.Event()
+    status = book.status
+
+    def held() -> dict[str, Any]:
+        inside.release()
+        release.wait(60)
+        return status()
+
+    book.status = held  # type: ignore[method-assign]
+    callers = [
+        threading.Thread(target=service.GetStatus, args=(pb.StatusRequest(), _Context("s" * 32)))
+        for _ in range(STATUS_CALLS)
+    ]
+    for t in callers:
+        t.start()
+    for _ in callers:
+        assert inside.acquire(timeout=30)
+    try:
+        with pytest.raises(_Aborted) as e:
+            service.GetStatus(pb.StatusRequest(), _Context("s" * 32))
+        assert e.value.args[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        release.set()
+        for t in callers:
+            t.join(30)
+    book.status = status  # type: ignore[method-assign]
+    assert service.GetStatus(pb.StatusRequest(), _Context("s" * 32)).peers == 2
