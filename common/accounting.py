@@ -103,6 +103,8 @@ def message_round(message: Message, reply: Message | None = None) -> int | None:
         return None if reply is None else int(reply.start_round)  # type: ignore[attr-defined]
     if isinstance(message, pb.UpdatePart):
         return int(message.header.round) if message.HasField("header") else None
+    if isinstance(message, pb.StatusRequest):
+        return None  # `fedmoe status` is not run traffic: no round counts it
     return int(message.round)  # type: ignore[attr-defined]
 
 

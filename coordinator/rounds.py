@@ -37,11 +37,14 @@ from fedmoe.common.proto import pb
 from fedmoe.common.refusal import Reason, Refused
 from fedmoe.coordinator.ledger import Due, ReportLedger
 from fedmoe.coordinator.membership import MAX_EVENTS, EventLog, Member, Membership
+from fedmoe.coordinator.progress import RunProgress
 from fedmoe.coordinator.strategies import PeerUpdate, RoundOutcome, Strategy, Term
 
 # Upper bounds of a peer's training rows per built-in data set (all the set's rows; CIFAR-10's
 # full training set). A claimed sample count above it is a lie that would buy FedAvg weight.
 MAX_TRAIN_SAMPLES = {"digits": 1797, "synthetic": 2000, "cifar10": 50_000}
+# `fedmoe status` names at most this many alive and missing peers each (counts are exact).
+MAX_STATUS_IDS = 32
 
 
 def serve_orders(outcome: RoundOutcome) -> dict[str, dict[str, list[int]]]:
@@ -142,6 +145,7 @@ class RoundBook:
         self.max_samples = MAX_TRAIN_SAMPLES.get(cfg.dataset)  # None: not known here
         self.failure: str | None = None
         self.schema = model_schema(cfg)
+        self.progress = RunProgress(clock())  # totals for `fedmoe status`
 
     # ------------------------------------------------------------------ views of the parts
 
@@ -498,6 +502,7 @@ class RoundBook:
 
     def _written(self, r: int, peers: list[str], records: list[dict[str, Any]]) -> None:
         self.on_round_reported(r, records)
+        self.progress.add(records, self.clock())
         for p in peers:
             self.members[p].reported.add(r)
         if not self.uploads:
@@ -622,6 +627,36 @@ class RoundBook:
     def membership_summary(self) -> dict[str, Any]:
         with self._cv:
             return self.membership.summary(self.reported_round)
+
+    def status(self) -> dict[str, Any]:
+        """Where the run stands, for `fedmoe status`: O(N) at most, id lists bounded."""
+        with self._cv:
+            alive = self.membership.alive()
+            alive_set = set(alive)
+            missing = [f"peer-{k}" for k in range(self.cfg.peers) if f"peer-{k}" not in alive_set]
+            p = self.progress
+            return {
+                "reported_round": self.reported_round,
+                # `local` closes no rounds: its open round is the next one to report
+                "open_round": min(
+                    self.open_round if self.uploads else self.reported_round + 1, self.cfg.rounds
+                ),
+                "finished": self.finished,
+                "failure": self.failure or "",
+                "alive_count": len(alive),
+                "missing_count": len(missing),
+                "alive": self.ordered(alive)[:MAX_STATUS_IDS],
+                "missing": missing[:MAX_STATUS_IDS],
+                "coordinator_bytes": p.coordinator_bytes,
+                "p2p_bytes": p.p2p_bytes,
+                "last_accuracy": p.last_accuracy,
+                "last_global_accuracy": p.last_global_accuracy,
+                "mean_round_seconds": p.mean_round_seconds(),
+                "eta_seconds": None
+                if self.finished
+                else p.eta_seconds(self.cfg.rounds - self.reported_round),
+                "elapsed_seconds": max(0.0, self.clock() - p.started),
+            }
 
     def dropped_peers(self) -> list[str]:
         """Members that missed a round they were sampled for."""

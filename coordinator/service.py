@@ -50,6 +50,9 @@ DECODERS = 4  # uploads decoded at once
 # Python core, so at 1,000 peers beating every peer_timeout / 5 (500/s) they took ~40% of it
 # (bench/scale.py). Never rarer than twice per peer timeout, so liveness stays detectable.
 MAX_HEARTBEATS_PER_SECOND = 200
+# GetStatus calls served at once, all callers together: a status caller is no member, so there
+# is no identity to cap per caller; a handful is plenty for people polling a run.
+STATUS_CALLS = 4
 
 
 def heartbeat_ms(cfg: pb.RunConfig) -> int:
@@ -146,6 +149,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         # The aggregate's chunks, encoded once: every peer of a round fetches the same bytes.
         self._shared_parts: tuple[dict[str, Any], list[pb.RoundResultPart]] | None = None
         self._calls_lock = threading.Lock()
+        self._status_calls = threading.BoundedSemaphore(STATUS_CALLS)
 
     def _member(self, context: grpc.ServicerContext, peer_id: str) -> Member:
         """The caller's membership, from its session secret; it may act only as itself.
@@ -439,3 +443,30 @@ class CoordinatorService(rpc.CoordinatorServicer):
                     "other peers did not finish the last round",
                 )
         return ack
+
+    # ------------------------------------------------------------------ `fedmoe status`
+
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        """Where the run stands. It reveals run state, so the join token comes first; then a
+        small global cap, and one short read of the book (ids bounded, see RoundBook.status)."""
+        given = _metadata(context, TOKEN_METADATA).encode()
+        if not hmac.compare_digest(given, self.token.encode()):
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "invalid join token for this run")
+        if not self._status_calls.acquire(blocking=False):
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{STATUS_CALLS} status calls are already being served; try again",
+            )
+        try:
+            s = self.book.status()
+        finally:
+            self._status_calls.release()
+        return pb.StatusReply(
+            run_id=self.cfg.run_id,
+            algorithm=ALGORITHM_NAMES[self.cfg.algorithm],
+            rounds=self.cfg.rounds,
+            peers=self.cfg.peers,
+            failure=clip_text(s.pop("failure"), 200),
+            **{k: v for k, v in s.items() if v is not None},  # None: an optional left unset
+        )

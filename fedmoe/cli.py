@@ -1,4 +1,5 @@
-"""The `fedmoe` command: coordinator, peer, local (a whole run on this machine), report."""
+"""The `fedmoe` command: coordinator, peer, local (a whole run on this machine), status (of a
+live run), report."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import re
 import sys
 from pathlib import Path
 
-from fedmoe.common.config import OPTIONS, ConfigError, Option, make_config
+from fedmoe.common.config import OPTIONS, ConfigError, Option, algorithm_name, make_config
+from fedmoe.common.config_file import Key, load_config_file
+from fedmoe.status import add_status_args
 
 
 def _flag_type(option: Option):  # type: ignore[no-untyped-def]
@@ -59,7 +62,21 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
             if option.default != ""
             else option.help,
         )
-    p.add_argument("--out", type=Path, required=True, help="run directory to write")
+    # Required by `coordinator` (checked once --config is read); `local` makes a fresh one.
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run directory to write (local: default runs/<algorithm>-<YYYYmmdd-HHMMSS>)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TOML or JSON file of flags (keys as in a run's config.json, or flag names); "
+        "flags given here win over it",
+    )
     add_security_args(p)
 
 
@@ -297,14 +314,66 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", action="append", default=[], help="DNS name or IP the nodes are reached at"
     )
 
+    s = sub.add_parser(
+        "status", help="where a live run stands: rounds, peers, accuracy, bytes, ETA"
+    )
+    add_status_args(s)
+
     r = sub.add_parser("report", help="print the per-round table of a run directory")
     r.add_argument("run_dir", type=Path)
     r.add_argument("--json", action="store_true", help="print summary.json instead")
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]  # type: ignore[no-any-return]
+    raise KeyError(name)
+
+
+# Flags that are no key of a --config file: the file itself, and the refused --token.
+_NOT_IN_FILES = frozenset({"help", "config", "token"})
+
+
+def _file_keys(sub: argparse.ArgumentParser) -> dict[str, Key]:
+    """The keys a --config file may set besides the run options: the command's other flags,
+    by their dest (`token_file`) or flag name (`token-file`), typed as argparse holds them."""
+    run_keys = {o.key for o in OPTIONS}
+    keys: dict[str, Key] = {}
+    for action in sub._actions:
+        if not action.option_strings or action.dest in _NOT_IN_FILES | run_keys:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            kind: type = bool
+        elif action.type in (int, float):
+            kind = action.type  # type: ignore[assignment]
+        else:
+            kind = str  # str and Path flags
+        key = Key(action.dest, kind, tuple(action.choices or ()))
+        keys[action.dest] = key
+        keys.setdefault(action.option_strings[-1].lstrip("-"), key)
+    return keys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `--config FILE` under it: flags > the file > the defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    sub = _subparser(parser, args.command)
+    try:
+        values = load_config_file(args.config, _file_keys(sub))
+    except ConfigError as e:
+        sub.error(f"--config: {e}")
+    # Defaults of the subcommand: a flag given on the command line still wins over them.
+    sub.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -313,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "coordinator":
             from fedmoe.coordinator.main import run_coordinator
+
+            if args.out is None:
+                raise ConfigError("coordinator: --out DIR is required (or `out` in --config)")
 
             return run_coordinator(
                 config_from_args(args),
@@ -358,7 +430,11 @@ def main(argv: list[str] | None = None) -> int:
             # Refuse a bad configuration, or data that cannot be split, before starting anything.
             cfg = config_from_args(args)
             check_local_data(cfg)
-            return run_local(args, cfg)
+            return _run_local_in_dir(args, cfg, run_local)
+        if args.command == "status":
+            from fedmoe.status import run_status
+
+            return run_status(args)
         if args.command == "certs":
             from fedmoe.common.tls import make_certs
 
@@ -378,6 +454,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fedmoe: {e}", file=sys.stderr)
         return 2
+
+
+def _run_local_in_dir(args: argparse.Namespace, cfg, run_local) -> int:  # type: ignore[no-untyped-def]
+    """`fedmoe local` in --out, or in a fresh runs/<algorithm>-<time>; says where, first and
+    last (the table at the end can be long)."""
+    from fedmoe.run_dir import fresh_run_dir
+
+    if args.out is None:
+        args.out = fresh_run_dir(algorithm_name(cfg))
+    print(f"run directory: {args.out}", flush=True)
+    code: int = run_local(args, cfg)
+    print(f"run directory: {args.out}", flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from fedmoe.common.atomic import atomic_write_json
 from fedmoe.common.auth import new_token_file
 from fedmoe.common.config import config_to_argv
 from fedmoe.common.proto import pb
+from fedmoe.progress import PlainProgress, Progress, choose_progress
 from fedmoe.report import print_report
 
 LISTENING = "FEDMOE_LISTENING "
@@ -241,7 +242,9 @@ def run_local(args: argparse.Namespace, cfg: pb.RunConfig) -> int:
             cmd += telemetry_argv(args, hosts.index(h))
             with open(h.log, "w") as log:  # the child keeps its own descriptor
                 h.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        return _supervise(out, coordinator, hosts, lines)
+        # A bar with ETA on a terminal; the plain per-round lines anywhere else.
+        progress = choose_progress(cfg.rounds, sys.stdout)
+        return _supervise(out, coordinator, hosts, lines, progress)
     finally:  # Ctrl-C or a launcher bug: leave no process behind
         _stop([coordinator, *(h.proc for h in hosts if h.proc is not None)], grace=10)
         coord_log.close()
@@ -252,8 +255,10 @@ def _supervise(
     coordinator: subprocess.Popen[str],
     hosts: list[PeerProcess],
     lines: queue.Queue[str | None],
+    progress: Progress | None = None,
 ) -> int:
     """Relay the coordinator's progress until it exits; note peer processes that die."""
+    shown = progress or PlainProgress(sys.stdout)
 
     def relay(timeout: float) -> None:
         try:
@@ -261,7 +266,7 @@ def _supervise(
         except queue.Empty:
             return
         if line:
-            print(line, end="", flush=True)
+            shown.line(line)
 
     early: list[PeerProcess] = []
     all_gone_at: float | None = None
@@ -294,6 +299,7 @@ def _supervise(
                 _stop([coordinator], grace=15)
     while not lines.empty():
         relay(0)
+    shown.close()
 
     # The run is over: the peers still running end on their own (they learn it from the
     # coordinator); those that do not within the grace are stopped.

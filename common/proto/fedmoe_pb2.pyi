@@ -336,6 +336,52 @@ class LatestRequest(_message.Message):
     after_round: int
     def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., after_round: _Optional[int] = ...) -> None: ...
 
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("run_id", "algorithm", "rounds", "reported_round", "open_round", "finished", "failure", "peers", "alive_count", "missing_count", "alive", "missing", "coordinator_bytes", "p2p_bytes", "last_accuracy", "last_global_accuracy", "mean_round_seconds", "eta_seconds", "elapsed_seconds")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MISSING_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    P2P_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LAST_GLOBAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ROUND_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    algorithm: str
+    rounds: int
+    reported_round: int
+    open_round: int
+    finished: bool
+    failure: str
+    peers: int
+    alive_count: int
+    missing_count: int
+    alive: _containers.RepeatedScalarFieldContainer[str]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    coordinator_bytes: int
+    p2p_bytes: int
+    last_accuracy: float
+    last_global_accuracy: float
+    mean_round_seconds: float
+    eta_seconds: float
+    elapsed_seconds: float
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., reported_round: _Optional[int] = ..., open_round: _Optional[int] = ..., finished: _Optional[bool] = ..., failure: _Optional[str] = ..., peers: _Optional[int] = ..., alive_count: _Optional[int] = ..., missing_count: _Optional[int] = ..., alive: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ..., coordinator_bytes: _Optional[int] = ..., p2p_bytes: _Optional[int] = ..., last_accuracy: _Optional[float] = ..., last_global_accuracy: _Optional[float] = ..., mean_round_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+
 class ExpertRequest(_message.Message):
     __slots__ = ("requester_id", "round", "experts", "ticket", "source_id")
     REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
