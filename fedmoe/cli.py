@@ -267,7 +267,7 @@ def run_report(args: argparse.Namespace) -> int:
         if args.plot is None and args.csv is None:
             for k, run_dir in enumerate(args.run_dir):
                 if len(args.run_dir) > 1:
-                    print(f"{'' if k == 0 else chr(10)}== {run_dir}")
+                    print(f"== {run_dir}" if k == 0 else f"\n== {run_dir}")
                 print_report(run_dir, as_json=args.json)
             return 0
         if args.json:

@@ -71,7 +71,8 @@ def draw_accuracy(fig: Canvas, runs: list[Run]) -> list[Axes]:
 
 
 def draw_bytes(fig: Canvas, runs: list[Run]) -> list[Axes]:
-    """Application bytes per round by class (solid), wire bytes (dotted) where measured."""
+    """Application bytes per round by class (bars), wire bytes (dotted, diamonds) where
+    measured."""
     series = [round_series(run) for run in runs]
     peers_wire = any(r["wire_peers_bytes"] is not None for rows in series for r in rows)
     axes = list(fig.subplots(1, 3 if peers_wire else 2))
@@ -84,22 +85,29 @@ def draw_bytes(fig: Canvas, runs: list[Run]) -> list[Axes]:
         ),
         (axes[1], "p2p_bytes", "wire_p2p_bytes", "p2p (peer <-> peer, each message once)"),
     ]
+    # Bars, side by side per round (one per run): a class is often silent in some rounds (p2p
+    # only on sync rounds), which a line would hide by joining the points.
+    width = 0.8 / len(runs)
     for ax, app, wire, title in panels:
         for i, rows in enumerate(series):
-            xs = [r["round"] for r in rows]
-            ax.plot(
+            xs = [r["round"] - 0.4 + width * (i + 0.5) for r in rows]
+            ax.bar(
                 xs,
                 [r[app] / MB for r in rows],
+                width=width,
                 color=run_colour(i),
-                marker="o",
-                markersize=3,
                 label=f"{runs[i].label} (application)",
             )
-            wired = [(r["round"], r[wire] / MB) for r in rows if r[wire] is not None]
+            wired = [
+                (x, r[wire] / MB) for x, r in zip(xs, rows, strict=True) if r[wire] is not None
+            ]
             if wired:
                 ax.plot(
                     *zip(*wired, strict=True),
-                    color=run_colour(i),
+                    color="black",
+                    markerfacecolor=run_colour(i),
+                    marker="D",
+                    markersize=4,
                     linestyle=":",
                     label=f"{runs[i].label} (wire)",
                 )
@@ -126,7 +134,8 @@ def draw_bytes(fig: Canvas, runs: list[Run]) -> list[Axes]:
         ax.set_ylabel("MB per round")
         ax.set_ylim(bottom=0)
         _rounds_axis(ax)
-    axes[0].legend(fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize="small", loc="outside right upper")  # clear of the bars
     return axes
 
 
@@ -168,6 +177,7 @@ def draw_phases(fig: Canvas, runs: list[Run]) -> list[Axes]:
     # Set1, not the run colours (tab10): a phase is never mistaken for a run.
     colours = {n: matplotlib.colormaps["Set1"](k % 9) for k, n in enumerate(names)}
     axes = list(fig.subplots(len(runs), 1, sharex=True, sharey=True, squeeze=False)[:, 0])
+    top = _phase_axis_top(series, names)
     for i, (ax, rows) in enumerate(zip(axes, series, strict=True)):
         xs = [r["round"] for r in rows]
         bottom = [0.0] * len(rows)
@@ -175,6 +185,20 @@ def draw_phases(fig: Canvas, runs: list[Run]) -> list[Axes]:
             heights = [r.get(f"phase_{name}") or 0.0 for r in rows]
             ax.bar(xs, heights, bottom=bottom, color=colours[name], label=name, width=0.8)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        if top is not None:
+            ax.set_ylim(0, top)
+            for x, total in zip(xs, bottom, strict=True):
+                if total > top:  # cut: its total written on it
+                    ax.text(
+                        x,
+                        top * 0.97,
+                        f"{total:.1f} s",
+                        ha="center",
+                        va="top",
+                        fontsize="x-small",
+                        color="white",
+                        fontweight="bold",
+                    )
         ax.set_title(runs[i].label, color=run_colour(i), fontsize="medium", loc="left")
         ax.set_ylabel("seconds")
         ax.grid(alpha=0.3, axis="y")
@@ -186,8 +210,21 @@ def draw_phases(fig: Canvas, runs: list[Run]) -> list[Axes]:
     axes[-1].grid(alpha=0.3, axis="y")
     if names:
         axes[0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle("round time by phase (mean over peers)")
+    fig.suptitle(
+        "round time by phase (mean over peers)"
+        + ("; longer rounds cut, their total written on them" if top is not None else "")
+    )
     return axes
+
+
+def _phase_axis_top(series: list[list[dict]], names: list[str]) -> float | None:
+    """Where to cut the seconds axis, or None: a round far longer than the typical one (the
+    first, which pays for process and torch warm-up) would flatten every other bar."""
+    totals = sorted(sum(r.get(f"phase_{n}") or 0.0 for n in names) for rows in series for r in rows)
+    if len(totals) < 3:
+        return None
+    typical = totals[len(totals) // 2]
+    return 4 * typical if totals[-1] > 5 * typical > 0 else None
 
 
 Drawer = Callable[[Canvas, list[Run]], list[Axes]]

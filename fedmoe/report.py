@@ -11,7 +11,9 @@ from pathlib import Path
 from fedmoe.common.accounting import PHASES
 
 
-def load_records(run_dir: Path) -> list[dict]:
+def load_records(run_dir: Path, allow_empty: bool = False) -> list[dict]:
+    """The records of metrics.jsonl, each checked; empty is an error unless allowed (the text
+    table of a run that finished no round is just its header)."""
     if not run_dir.is_dir():
         raise SystemExit(f"report: {run_dir} is not a directory")
     path = run_dir / "metrics.jsonl"
@@ -33,7 +35,7 @@ def load_records(run_dir: Path) -> list[dict]:
         if problem:
             raise SystemExit(f"report: {path} line {n}: {problem}")
         records.append(rec)
-    if not records:
+    if not records and not allow_empty:
         raise SystemExit(f"report: {path} holds no records (did the run finish a round?)")
     return records
 
@@ -152,13 +154,13 @@ def format_phase_table(names: list[str], rows: list[dict]) -> str:
 
 def print_report(run_dir: Path, as_json: bool = False) -> int:
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    summary = _load_json_object(summary_path)
     if as_json:
         if summary is None:
             raise SystemExit(f"report: {summary_path} not found")
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
-    records = load_records(run_dir)
+    records = load_records(run_dir, allow_empty=True)
     print(format_table(round_table(records)))
     names, phases = phase_table(records)
     if phases:
