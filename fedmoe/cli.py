@@ -319,9 +319,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_status_args(s)
 
-    r = sub.add_parser("report", help="print the per-round table of a run directory")
-    r.add_argument("run_dir", type=Path)
+    r = sub.add_parser(
+        "report",
+        help="per-round table of run directories; --plot / --csv for figures and spreadsheets",
+    )
+    r.add_argument("run_dir", type=Path, nargs="+", help="run directories (several overlay)")
     r.add_argument("--json", action="store_true", help="print summary.json instead")
+    r.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="write PNG plots: OUT a directory (accuracy.png, bytes.png, bytes_vs_accuracy.png, "
+        "phases.png) or a file ending .png (all in one figure)",
+    )
+    r.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        metavar="OUT.csv",
+        help="write one row per (run, round): accuracy, bytes by class (each message once), "
+        "cumulative bytes, wire bytes, seconds per phase",
+    )
     return parser
 
 
@@ -370,6 +389,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Defaults of the subcommand: a flag given on the command line still wins over them.
     sub.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """`fedmoe report`: the text table of each directory, or --plot / --csv of them all."""
+    from fedmoe.report import load_runs, print_report, write_csv
+
+    try:
+        if args.plot is None and args.csv is None:
+            for k, run_dir in enumerate(args.run_dir):
+                if len(args.run_dir) > 1:
+                    print(f"== {run_dir}" if k == 0 else f"\n== {run_dir}")
+                print_report(run_dir, as_json=args.json)
+            return 0
+        if args.json:
+            raise SystemExit("report: --json prints summary.json; it does not go with --plot/--csv")
+        runs = load_runs(args.run_dir)
+        if args.csv is not None:
+            write_csv(runs, args.csv)
+            print(args.csv)
+        if args.plot is not None:
+            from fedmoe.plots import write_plots
+
+            for path in write_plots(runs, args.plot):
+                print(path)
+        return 0
+    except SystemExit as e:  # user errors (a bad directory or file): a message, not a traceback
+        if isinstance(e.code, str):
+            print(f"fedmoe {e.code}", file=sys.stderr)
+            return 2
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,9 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in paths:
                 print(path)
             return 0
-        from fedmoe.report import print_report
-
-        return print_report(args.run_dir, as_json=args.json)
+        return run_report(args)
     except ConfigError as e:
         print(f"fedmoe: {e}", file=sys.stderr)
         return 2
