@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedmoe.common.accounting import bytes_moved
+
 
 @dataclass
 class RunProgress:
@@ -23,12 +25,11 @@ class RunProgress:
     def add(self, records: list[dict[str, Any]], now: float) -> None:
         """One written round: its per-peer records (summed as summary.json sums them)."""
         self.rounds_written += 1
-        for rec in records:
-            b = rec.get("bytes") or {}  # the service's records have them; the book's tests not
-            self.coordinator_bytes += b.get("coordinator_sent", 0) + b.get(
-                "coordinator_received", 0
-            )
-            self.p2p_bytes += b.get("p2p_sent", 0) + b.get("p2p_received", 0)
+        # The service's records have bytes; the book's tests' records not. Each message once.
+        keys = ("coordinator_sent", "coordinator_received", "p2p_sent", "p2p_received")
+        moved = bytes_moved({k: (r.get("bytes") or {}).get(k, 0) for k in keys} for r in records)
+        self.coordinator_bytes += moved["coordinator"]
+        self.p2p_bytes += moved["p2p"]
         scored = [r for r in records if "accuracy" in r and "global_accuracy" in r]
         if scored:
             self.last_accuracy = sum(r["accuracy"] for r in scored) / len(scored)

@@ -321,7 +321,8 @@ def test_the_eta_comes_from_the_mean_round_time() -> None:
     p.add([rec, {**rec, "accuracy": 0.7}], now=110.0)  # round 1: start-up included
     assert p.mean_round_seconds() == 10.0 and p.eta_seconds(4) == 40.0
     assert p.last_accuracy == pytest.approx(0.6) and p.last_global_accuracy == 0.25
-    assert (p.coordinator_bytes, p.p2p_bytes) == (40, 40)  # sent + received, both peers
+    # coordinator: sent + received of both peers; p2p: what they sent (each message once)
+    assert (p.coordinator_bytes, p.p2p_bytes) == (40, 20)
     p.add([rec], now=112.0)
     p.add([rec], now=114.0)  # from round 2 on: the gaps between rounds, not the start-up
     assert p.mean_round_seconds() == 2.0 and p.eta_seconds(3) == 6.0
