@@ -64,9 +64,10 @@ RUN pip wheel --no-deps --no-build-isolation --no-index --wheel-dir /tmp/dist /s
 
 # --------------------------------------------------------------------------
 FROM base AS runtime
-# A non-root user. Compose may run the container under another uid (FEDMOE_UID,
-# so that files written to bind mounts belong to the host user): HOME, /runs
-# and /data are therefore writable by any uid.
+# A non-root user, the default. Compose starts the container as root and the
+# entrypoint drops to the clone owner's uid (so that files written to bind
+# mounts belong to the host user): HOME, /runs and /data are therefore
+# writable by any uid.
 RUN useradd --uid 1000 --user-group --create-home --home-dir /home/fedmoe --shell /bin/sh fedmoe \
  && mkdir -p /runs /data \
  && chmod 1777 /home/fedmoe /runs /data
@@ -76,9 +77,13 @@ COPY --from=build /tmp/dist/ /tmp/dist/
 RUN pip install --no-deps --no-index /tmp/dist/*.whl \
  && rm -rf /tmp/dist \
  && command -v fedmoe
+# Runs `fedmoe "$@"`; started as root (docker-compose.yml) it first hands the run directory to
+# the clone's owner and drops to that uid with setpriv (util-linux). See docker/entrypoint.sh.
+COPY docker/entrypoint.sh /usr/local/bin/fedmoe-entrypoint
+RUN chmod 0755 /usr/local/bin/fedmoe-entrypoint && command -v setpriv
 USER 1000:1000
 WORKDIR /home/fedmoe
 # 50051: coordinator, 50052: peer (by convention; both are set by flags)
 EXPOSE 50051 50052
-ENTRYPOINT ["fedmoe"]
+ENTRYPOINT ["fedmoe-entrypoint"]
 CMD ["--help"]
