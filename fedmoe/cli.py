@@ -304,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. 0-24 or 0-3,8); auto: one peer whose index the coordinator assigns at its "
         "join (kept in --state-dir for a restart)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda:N, or cuda:auto (peer K on GPU K mod the GPUs it sees)",
+    )
     p.add_argument("--data-dir", default=None, help="dataset root on this machine")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait on any call")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -49,6 +49,7 @@ from fedmoe.peer.trainer import COMPUTE_LOCK, LocalTrainer, build_model
 log = logging.getLogger("fedmoe.peer")
 
 WILDCARDS = {"0.0.0.0", "::", ""}
+CUDA_AUTO = "cuda:auto"
 # The expert server only ever receives ExpertRequest messages (ids, a ticket, expert numbers:
 # well under 1 KiB). Refusing larger ones in gRPC itself makes a 4 MiB request cheap to refuse.
 MAX_EXPERT_REQUEST_BYTES = 64 << 10
@@ -59,12 +60,24 @@ EXPERT_SERVER_OPTIONS = [
 SERVER_THREADS_PER_PEER = 8
 
 
+def device_for(device: str, index: int) -> str:
+    """`cuda:auto`: peer K trains on GPU K mod the GPUs this process sees (replicas of one
+    compose service all see the same GPUs and spread over them by their assigned index)."""
+    if device != CUDA_AUTO:
+        return device
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
 def check_device(device: str) -> str:
     """Fail at start, with a clear message, when the asked device is not there."""
     if device == "cpu":
         return device
+    if device == CUDA_AUTO:  # a GPU by peer index, chosen once the index is known
+        if not torch.cuda.is_available():
+            raise SystemExit(f"peer: --device {device} asked, but no CUDA GPU is available here")
+        return device
     if not device.startswith("cuda:") or not device[5:].isdigit():
-        raise SystemExit(f"peer: --device must be cpu or cuda:N, not {device!r}")
+        raise SystemExit(f"peer: --device must be cpu, cuda:N or cuda:auto, not {device!r}")
     index = int(device[5:])
     if not torch.cuda.is_available():
         raise SystemExit(f"peer: --device {device} asked, but no CUDA GPU is available here")
@@ -169,9 +182,11 @@ class _Host:
             # build_model seeds torch's global generator: one peer at a time, so that every
             # peer starts from the same initialisation.
             with COMPUTE_LOCK:
-                trainer = LocalTrainer(build_model(cfg, data), data, cfg, self.device, index)
+                device = device_for(self.device, index)
+                trainer = LocalTrainer(build_model(cfg, data), data, cfg, device, index)
             plog.info(
-                "model ready: %d training samples, %d personal test samples",
+                "model ready on %s: %d training samples, %d personal test samples",
+                device,
                 trainer.num_samples,
                 len(data.local_test),
             )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from fedmoe.common.auth import TOKEN_METADATA
 from fedmoe.common.grpc_options import CHANNEL_OPTIONS
@@ -19,7 +20,7 @@ from fedmoe.common.tls import channel, load_tls
 from fedmoe.coordinator.rounds import Refused
 from fedmoe.peer.advertise import auto_advertise_port, own_address
 from fedmoe.peer.checkpoint import AssignedIndex
-from fedmoe.peer.main import assigned_index
+from fedmoe.peer.main import assigned_index, check_device, device_for
 from tests.cluster import FEDMOE, Cluster
 from tests.test_rounds import make_book
 
@@ -183,3 +184,12 @@ def test_under_mutual_tls_the_certificate_decides_the_index(certs: Path, tmp_pat
         timeout=60,
     )
     assert proc.returncode != 0 and "give --cert-name peer-K" in proc.stderr
+
+
+def test_cuda_auto_spreads_peers_over_the_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert device_for("cpu", 5) == "cpu" and device_for("cuda:1", 5) == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [device_for("cuda:auto", k) for k in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU is available"):
+        check_device("cuda:auto")
