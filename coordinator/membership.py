@@ -73,6 +73,15 @@ class Member:
         )
 
 
+def _proves(member: Member, member_secret: str) -> bool:
+    """True if `member_secret` is the secret issued to `member` at its first join."""
+    return (
+        0 < len(member_secret) <= MAX_SECRET_CHARS
+        and bool(member.secret_digest)
+        and hmac.compare_digest(member.secret_digest, secret_digest(member_secret))
+    )
+
+
 class EventLog:
     """The last MAX_EVENTS events of the run (joins, silences, rounds nobody reported...)."""
 
@@ -132,12 +141,7 @@ class Membership:
             raise Refused(Reason.BAD_REQUEST, "member secret too long")
         peer_id = f"peer-{index}"
         old = self.members.get(peer_id)
-        proven = (
-            old is not None
-            and bool(member_secret)
-            and bool(old.secret_digest)
-            and hmac.compare_digest(old.secret_digest, secret_digest(member_secret))
-        )
+        proven = old is not None and _proves(old, member_secret)
         if old is not None and old.alive and not proven:
             raise Refused(
                 Reason.NOT_ALLOWED,
@@ -155,6 +159,33 @@ class Membership:
         self.members[peer_id] = member
         self._sessions[secret_digest(member.session)] = peer_id
         return member, old
+
+    def assign(self, hint: int, member_secret: str) -> int:
+        """The index an auto peer (JoinRequest.any_index) joins as.
+
+        `hint` and `member_secret` are what it held before (a restarted auto peer): if the secret
+        proves that member, it rejoins as it. Otherwise the lowest index no member holds, live or
+        silent: a silent member's index stays bound to its secret (its peer may come back with
+        its --state-dir); only an explicit `--index K` may take it over (see `admit`).
+        """
+        old = self.members.get(f"peer-{hint}")
+        if old is not None and _proves(old, member_secret):
+            return hint
+        taken = {m.index for m in self.members.values()}
+        free = next((k for k in range(self.cfg.peers) if k not in taken), None)
+        if free is not None:
+            return free
+        silent = sorted(m.index for m in self.members.values() if not m.alive)
+        hint_text = (
+            f"; silent: {', '.join(map(str, silent[:8]))}{' ...' if len(silent) > 8 else ''} "
+            "(restart that peer with its --state-dir, or take it over with --index K)"
+            if silent
+            else ""
+        )
+        raise Refused(
+            Reason.NOT_ALLOWED,
+            f"the run is full: all {self.cfg.peers} peer indices are held by members{hint_text}",
+        )
 
     def authenticate(self, session: str) -> Member:
         if session and len(session) <= MAX_SECRET_CHARS:

@@ -187,9 +187,16 @@ class RoundBook:
 
     # ------------------------------------------------------------------ membership
 
-    def join(self, index: int, address: str, member_secret: str = "") -> Member:
-        """Admit peer `index` (see Membership.admit); `Member.secret` holds its member secret."""
+    def join(
+        self, index: int, address: str, member_secret: str = "", any_index: bool = False
+    ) -> Member:
+        """Admit peer `index` (see Membership.admit); `Member.secret` holds its member secret.
+
+        With `any_index` the index is assigned (Membership.assign; `index` is a hint), in the
+        same lock as the admission, so that two auto peers never get the same one."""
         with self._cv:
+            if any_index:
+                index = self.membership.assign(index, member_secret)
             member, old = self.membership.admit(index, address, member_secret, self.open_round)
             if old is not None:  # rounds it took part in but can no longer finish
                 for r, peers in self.participants.items():

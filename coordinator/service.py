@@ -81,6 +81,18 @@ def _metadata(context: grpc.ServicerContext, key: str) -> str:
     return ""
 
 
+def _certificate_index(context: grpc.ServicerContext, name: str | None) -> int:
+    """K of a certificate named peer-K (an auto peer under mutual TLS joins as K)."""
+    digits = name[5:] if name and name.startswith("peer-") else ""
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 6):
+        _abort(
+            context,
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"certificate {clip(name)} names no peer index (peer-K): it may not join as a peer",
+        )
+    return int(digits)
+
+
 class _Waiting:
     """Lets a blocked call end as soon as its caller cancels it (or its deadline passes).
 
@@ -210,16 +222,19 @@ class CoordinatorService(rpc.CoordinatorServicer):
             _metadata(context, TOKEN_METADATA).encode(), self.token.encode()
         ):
             _abort(context, grpc.StatusCode.UNAUTHENTICATED, "invalid join token for this run")
+        index, any_index = request.index, request.any_index
         if self.tls:
             name = peer_identity(context.auth_context() or {})
-            if name != f"peer-{request.index}":
+            if any_index:  # the certificate is the identity: peer-K joins as K
+                index, any_index = _certificate_index(context, name), False
+            if name != f"peer-{index}":
                 _abort(
                     context,
                     grpc.StatusCode.PERMISSION_DENIED,
-                    f"certificate {clip(name)} may not join as peer-{request.index}",
+                    f"certificate {clip(name)} may not join as peer-{index}",
                 )
         try:
-            member = self.book.join(request.index, request.advertise, request.member_secret)
+            member = self.book.join(index, request.advertise, request.member_secret, any_index)
         except Refused as e:
             _refuse(context, e)
         log.info("%s joined from %s (%s)", member.peer_id, member.address, clip(context.peer()))

@@ -215,6 +215,33 @@ def parse_indices(spec: str) -> list[int]:
     return sorted(indices)
 
 
+AUTO_INDEX = "auto"
+
+
+def parse_index_arg(spec: str) -> list[int] | str:
+    """`--index`: "auto" (the coordinator assigns it) or a spec for `parse_indices`."""
+    return AUTO_INDEX if spec.strip() == AUTO_INDEX else parse_indices(spec)
+
+
+def resolve_auto_index(args: argparse.Namespace) -> bool:
+    """True for `--index auto` (args.index becomes []). Under mutual TLS the coordinator binds
+    certificate peer-K to index K, so auto means K of --cert-name (args.index becomes [K])."""
+    if args.index != AUTO_INDEX:
+        return False
+    if not args.tls:
+        args.index = []
+        return True
+    name = args.cert_name or ""
+    digits = name[5:] if name.startswith("peer-") else ""
+    if not (digits.isascii() and digits.isdigit()) or int(digits) > MAX_INDEX:
+        raise SystemExit(
+            "peer: --index auto with --tls: the certificate decides the index; give "
+            "--cert-name peer-K (or --index K)"
+        )
+    args.index = [int(digits)]
+    return False
+
+
 def config_from_args(args: argparse.Namespace):  # -> pb.RunConfig
     """The RunConfig of the run flags given (add_run_args); ConfigError if it cannot run."""
     values = {option.key: getattr(args, option.key) for option in OPTIONS}
@@ -263,15 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT for the expert service")
-    p.add_argument("--advertise", default=None, help="HOST:PORT other peers use to reach this one")
+    p.add_argument(
+        "--advertise",
+        default=None,
+        help="HOST:PORT other peers use to reach this one; auto:PORT (or auto: the listening "
+        "port): this host's address towards the coordinator",
+    )
     p.add_argument(
         "--index",
-        type=parse_indices,
+        type=parse_index_arg,
         required=True,
         help="peer index K in [0, N); several peers in this process: A-B, K,K,.. or both "
-        "(e.g. 0-24 or 0-3,8)",
+        "(e.g. 0-24 or 0-3,8); auto: one peer whose index the coordinator assigns at its "
+        "join (kept in --state-dir for a restart)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda:N, or cuda:auto (peer K on GPU K mod the GPUs it sees)",
+    )
     p.add_argument("--data-dir", default=None, help="dataset root on this machine")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait on any call")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -450,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "peer":
             from fedmoe.peer.main import run_peers
 
+            auto = resolve_auto_index(args)
             if args.cert_name and len(args.index) > 1:
                 raise SystemExit(
                     "peer: --cert-name names one certificate; peers hosted together each use "
@@ -472,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                 tls,
                 args.wire_iface,
                 metrics=metrics_from_args(args),
+                auto=auto,
             )
         if args.command == "local":
             from fedmoe.local import run_local

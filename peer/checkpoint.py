@@ -56,3 +56,37 @@ class MemberSecret:
         # Created 0600 from the start (never briefly readable by others), fsynced, then renamed
         # over the old one, so that a crash leaves either the old secret or the new one.
         atomic_write_bytes(self.path, (secret + "\n").encode(), mode=0o600)
+
+
+# Peer indices are at most 1023 (fedmoe/cli.py MAX_INDEX); four digits cover them.
+MAX_INDEX_DIGITS = 4
+
+
+class AssignedIndex:
+    """`<state-dir>/assigned-index`: the index the coordinator gave an `--index auto` peer.
+
+    With it (and `member-K.secret` beside it) a restarted auto peer rejoins as the same member.
+    One auto peer per state dir: two sharing one would claim the same member.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "assigned-index"
+
+    def load(self) -> int | None:
+        """The saved index; None when there is none (a first join) or it is not an index."""
+        try:
+            text = self.path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"peer: cannot read {self.path}: {e}") from e
+        if not (text.isascii() and text.isdigit() and len(text) <= MAX_INDEX_DIGITS):
+            raise SystemExit(
+                f"peer: {self.path} holds {text[:20]!r}, not a peer index: remove it to join "
+                "as a new member"
+            )
+        return int(text)
+
+    def save(self, index: int) -> None:
+        atomic_write_bytes(self.path, f"{index}\n".encode(), mode=0o600)

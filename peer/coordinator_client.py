@@ -45,8 +45,19 @@ class CoordinatorClient:
         # Proof of identity for rejoining under our index (from --state-dir, or our last join).
         self.member_secret = ""
 
-    def join(self, index: int, advertise: str, token: str, connect_timeout: float) -> pb.JoinReply:
-        request = pb.JoinRequest(index=index, advertise=advertise, member_secret=self.member_secret)
+    def join(
+        self,
+        index: int,
+        advertise: str,
+        token: str,
+        connect_timeout: float,
+        any_index: bool = False,
+    ) -> pb.JoinReply:
+        """Join as peer `index`; with `any_index`, as the index the coordinator assigns (then
+        `index` and the member secret name the member a restarted auto peer was)."""
+        request = pb.JoinRequest(
+            index=index, advertise=advertise, member_secret=self.member_secret, any_index=any_index
+        )
         # wait_for_ready: the coordinator may still be starting; gRPC waits for the connection.
         reply: pb.JoinReply = self.stub.Join(
             request,

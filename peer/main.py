@@ -25,6 +25,7 @@ from fedmoe.common.config import is_sync_round
 from fedmoe.common.data import DataError, clear_dataset_cache, load_peer_data
 from fedmoe.common.grpc_options import SERVER_OPTIONS
 from fedmoe.common.netaddr import is_loopback_listen, split_host_port
+from fedmoe.common.proto import pb
 from fedmoe.common.reflection import REFLECTION_SERVICES, TokenGate, enable_reflection
 from fedmoe.common.telemetry import (
     MetricsEndpoint,
@@ -36,7 +37,8 @@ from fedmoe.common.telemetry import (
 from fedmoe.common.tls import TlsFiles, add_port
 from fedmoe.common.wire_counters import WireMeter
 from fedmoe.common.wire_counters import detect as detect_interfaces
-from fedmoe.peer.checkpoint import MemberSecret, PeerCheckpoint
+from fedmoe.peer.advertise import auto_advertise_port, own_address
+from fedmoe.peer.checkpoint import AssignedIndex, MemberSecret, PeerCheckpoint
 from fedmoe.peer.coordinator_client import CoordinatorClient
 from fedmoe.peer.expert_client import ExpertClient
 from fedmoe.peer.expert_service import ExpertExchangeService, expert_server
@@ -47,6 +49,7 @@ from fedmoe.peer.trainer import COMPUTE_LOCK, LocalTrainer, build_model
 log = logging.getLogger("fedmoe.peer")
 
 WILDCARDS = {"0.0.0.0", "::", ""}
+CUDA_AUTO = "cuda:auto"
 # The expert server only ever receives ExpertRequest messages (ids, a ticket, expert numbers:
 # well under 1 KiB). Refusing larger ones in gRPC itself makes a 4 MiB request cheap to refuse.
 MAX_EXPERT_REQUEST_BYTES = 64 << 10
@@ -57,12 +60,24 @@ EXPERT_SERVER_OPTIONS = [
 SERVER_THREADS_PER_PEER = 8
 
 
+def device_for(device: str, index: int) -> str:
+    """`cuda:auto`: peer K trains on GPU K mod the GPUs this process sees (replicas of one
+    compose service all see the same GPUs and spread over them by their assigned index)."""
+    if device != CUDA_AUTO:
+        return device
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
 def check_device(device: str) -> str:
     """Fail at start, with a clear message, when the asked device is not there."""
     if device == "cpu":
         return device
+    if device == CUDA_AUTO:  # a GPU by peer index, chosen once the index is known
+        if not torch.cuda.is_available():
+            raise SystemExit(f"peer: --device {device} asked, but no CUDA GPU is available here")
+        return device
     if not device.startswith("cuda:") or not device[5:].isdigit():
-        raise SystemExit(f"peer: --device must be cpu or cuda:N, not {device!r}")
+        raise SystemExit(f"peer: --device must be cpu, cuda:N or cuda:auto, not {device!r}")
     index = int(device[5:])
     if not torch.cuda.is_available():
         raise SystemExit(f"peer: --device {device} asked, but no CUDA GPU is available here")
@@ -120,33 +135,21 @@ class _Host:
         self.wire = wire
         self.data = _DataGate(members)
 
-    def run_member(self, index: int) -> None:
-        """Join as peer `index` and take part until the run is over; SystemExit on failure."""
-        tls = self.tls[index] if self.tls else None
+    def run_member(self, index: int | None) -> None:
+        """Join as peer `index` (None: as the index the coordinator assigns, `--index auto`) and
+        take part until the run is over; SystemExit on failure."""
+        tls = self.tls[index] if self.tls and index is not None else None
         counter = ByteCounter()
         store = ExpertStore(wait_timeout=self.timeout)
         coord = CoordinatorClient(
             self.coordinator, counter, chunk_bytes=1 << 20, timeout=self.timeout, tls=tls
         )
         experts = ExpertClient(counter, self.timeout, tls=tls)
-        secret = MemberSecret(self.state_dir, index) if self.state_dir else None
+        name = f"peer {index}" if index is not None else "peer (--index auto)"
         data_pending = True
         try:
-            if secret is not None:
-                coord.member_secret = secret.load()  # proves we are this index's member
-            try:
-                reply = coord.join(index, self.advertise, self.token, connect_timeout=self.timeout)
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise SystemExit(
-                        f"peer {index}: DEADLINE_EXCEEDED: could not reach the coordinator at "
-                        f"{self.coordinator} within {self.timeout:.0f} s. Check the address and "
-                        "port, that it runs, firewalls, and with --tls that both sides use "
-                        "certificates of the same CA whose names match the address"
-                    ) from e
-                raise
-            if secret is not None and reply.member_secret:
-                secret.save(reply.member_secret)
+            reply, index = self._join(coord, index)
+            name = f"peer {index}"
             cfg = reply.config
             coord.chunk_bytes = cfg.chunk_bytes
             store.has_experts = lambda r: is_sync_round(cfg, r)
@@ -179,9 +182,11 @@ class _Host:
             # build_model seeds torch's global generator: one peer at a time, so that every
             # peer starts from the same initialisation.
             with COMPUTE_LOCK:
-                trainer = LocalTrainer(build_model(cfg, data), data, cfg, self.device, index)
+                device = device_for(self.device, index)
+                trainer = LocalTrainer(build_model(cfg, data), data, cfg, device, index)
             plog.info(
-                "model ready: %d training samples, %d personal test samples",
+                "model ready on %s: %d training samples, %d personal test samples",
+                device,
                 trainer.num_samples,
                 len(data.local_test),
             )
@@ -203,14 +208,62 @@ class _Host:
             )
             runner.run(reply.start_round)
         except grpc.RpcError as e:
-            raise SystemExit(f"peer {index}: {e.code().name}: {e.details()}") from e
+            raise SystemExit(f"{name}: {e.code().name}: {e.details()}") from e
         except (DataError, BadAggregate) as e:
-            raise SystemExit(f"peer {index}: {e}") from e
+            raise SystemExit(f"{name}: {e}") from e
         finally:
             if data_pending:
                 self.data.done()
             coord.close()
             experts.close()
+
+    def _join(self, coord: CoordinatorClient, index: int | None) -> tuple[pb.JoinReply, int]:
+        """Join as `index`, or with None as the index the coordinator assigns; keeps what a
+        restart needs (member secret; for an auto peer its index) in the --state-dir."""
+        auto = index is None
+        assigned = AssignedIndex(self.state_dir) if auto and self.state_dir else None
+        held = assigned.load() if assigned is not None else None
+        # An auto peer names the member it was (if any): the coordinator lets it rejoin as that
+        # member only if the secret proves it, else it assigns a free index.
+        ask = index if index is not None else (held or 0)
+        secret = None
+        if self.state_dir and (not auto or held is not None):
+            secret = MemberSecret(self.state_dir, ask)
+            coord.member_secret = secret.load()  # proves we are this index's member
+        try:
+            reply = coord.join(
+                ask, self.advertise, self.token, connect_timeout=self.timeout, any_index=auto
+            )
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise SystemExit(
+                    f"peer {'(--index auto)' if auto else index}: DEADLINE_EXCEEDED: could not "
+                    f"reach the coordinator at {self.coordinator} within {self.timeout:.0f} s. "
+                    "Check the address and port, that it runs, firewalls, and with --tls that "
+                    "both sides use certificates of the same CA whose names match the address"
+                ) from e
+            raise
+        if index is None:
+            index = assigned_index(reply.peer_id, reply.config.peers)
+            if assigned is not None:
+                if index != held:  # first, so that a crash before the secret is saved still
+                    assigned.save(index)  # rejoins as this index (once it is silent)
+                secret = MemberSecret(assigned.path.parent, index)
+        if secret is not None and reply.member_secret:
+            secret.save(reply.member_secret)
+        return reply, index
+
+
+def assigned_index(peer_id: str, peers: int) -> int:
+    """K of the "peer-K" the coordinator assigned to an auto peer (checked: it is not trusted
+    to send a well-formed one)."""
+    digits = peer_id[5:] if peer_id.startswith("peer-") else ""
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 4) or int(digits) >= peers:
+        raise SystemExit(
+            f"peer (--index auto): the coordinator assigned {peer_id[:40]!r}, not peer-K with "
+            f"K < {peers}"
+        )
+    return int(digits)
 
 
 def run_peers(
@@ -227,10 +280,18 @@ def run_peers(
     tls: Mapping[int, TlsFiles] | None = None,
     wire_iface: str | None = None,
     metrics: MetricsEndpoint | None = None,
+    auto: bool = False,
 ) -> int:
-    """Host the peers `indices` in this process; returns 0 once every one of them is done."""
-    if not indices:
+    """Host the peers `indices` in this process; returns 0 once every one of them is done.
+
+    With `auto` (`--index auto`, `indices` empty) this process is one peer whose index the
+    coordinator assigns at its join."""
+    if auto and indices:
+        raise SystemExit("peer: --index auto hosts one peer whose index the coordinator assigns")
+    if not indices and not auto:
         raise SystemExit("peer: no --index given")
+    if auto and tls:  # fedmoe/cli.py resolves it: under mutual TLS the certificate is the index
+        raise SystemExit("peer: --index auto with --tls: the certificate (peer-K) names the index")
     device = check_device(device)
     multi = len(indices) > 1
     # Started first: the join and the connection set-up belong to round 1's wire bytes. Kernel
@@ -251,7 +312,10 @@ def run_peers(
     if threads:
         torch.set_num_threads(threads)
     host, _ = split_host_port(listen)
-    if advertise is None and host in WILDCARDS:
+    advertise_port = auto_advertise_port(advertise) if advertise else None
+    if advertise_port is not None:
+        advertise = None  # resolved once the listening port is known
+    elif advertise is None and host in WILDCARDS:
         raise SystemExit("peer: --advertise HOST:PORT is required when listening on all interfaces")
     if tls is None and not is_loopback_listen(listen):
         log.warning(
@@ -276,6 +340,9 @@ def run_peers(
         port = add_port(server, listen, tls[indices[0]] if tls else None)
     except RuntimeError as e:
         raise SystemExit(f"peer: cannot listen on {listen}: {e}") from e
+    if advertise_port is not None:  # --advertise auto[:PORT]
+        advertise = own_address(coordinator, advertise_port or port)
+        log.info("advertising %s (--advertise auto)", advertise)
     advertise = advertise or f"{host}:{port}"
     if telemetry is not None:
         assert metrics is not None
@@ -296,7 +363,9 @@ def run_peers(
         telemetry,
     )
     try:
-        if not multi:
+        if auto:
+            hosted.run_member(None)
+        elif not multi:
             hosted.run_member(indices[0])  # in this thread: exactly the one-peer process
         else:
             log.info("hosting peers %s, serving experts at %s", _describe(indices), advertise)

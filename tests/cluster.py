@@ -92,6 +92,15 @@ class Cluster:
         cmd += ["--timeout", "120", "--threads", "1", *(extra or [])]
         return self._spawn(name, cmd, faults)
 
+    def start_auto_peer(
+        self, name: str, faults: str | None = None, extra: list[str] | None = None
+    ) -> subprocess.Popen:
+        """A peer with `--index auto` (the coordinator assigns its index), its own --state-dir."""
+        cmd = [*FEDMOE, "peer", "--coordinator", self.address, "--index", "auto"]
+        cmd += ["--listen", "127.0.0.1:0", "--token-file", str(self.token_file)]
+        cmd += ["--state-dir", str(self.state / name), "--timeout", "120", "--threads", "1"]
+        return self._spawn(name, [*cmd, *(extra or [])], faults)
+
     def wait(self, name: str, timeout: float = 240) -> int:
         try:
             return self.procs[name].wait(timeout=timeout)

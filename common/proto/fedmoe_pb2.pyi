@@ -122,14 +122,16 @@ class RunConfig(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., peers: _Optional[int] = ..., rounds: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., data_dir: _Optional[str] = ..., alpha: _Optional[float] = ..., embed_dim: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_hidden: _Optional[int] = ..., balance_coef: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., neighbors: _Optional[int] = ..., temperature: _Optional[float] = ..., sync_every: _Optional[int] = ..., intra_peer: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., expert_wire_dtype: _Optional[_Union[DType, str]] = ..., min_peers: _Optional[int] = ..., round_timeout: _Optional[float] = ..., peer_timeout: _Optional[float] = ..., clients_per_round: _Optional[int] = ..., aggregation: _Optional[str] = ..., trim_fraction: _Optional[float] = ..., clip_norm: _Optional[float] = ..., max_tensor_norm: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("index", "advertise", "member_secret")
+    __slots__ = ("index", "advertise", "member_secret", "any_index")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ADVERTISE_FIELD_NUMBER: _ClassVar[int]
     MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
+    ANY_INDEX_FIELD_NUMBER: _ClassVar[int]
     index: int
     advertise: str
     member_secret: str
-    def __init__(self, index: _Optional[int] = ..., advertise: _Optional[str] = ..., member_secret: _Optional[str] = ...) -> None: ...
+    any_index: bool
+    def __init__(self, index: _Optional[int] = ..., advertise: _Optional[str] = ..., member_secret: _Optional[str] = ..., any_index: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("peer_id", "config", "start_round", "session", "heartbeat_ms", "member_secret")

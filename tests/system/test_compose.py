@@ -1,6 +1,7 @@
 """`docker compose up` as a newcomer types it, with a coordinator and 3 peers, each in its own
 container, from the image built offline by `make image`; results are read from the
-bind-mounted ./runs/compose of a fresh copy of the clone.
+bind-mounted ./runs/compose of a fresh copy of the clone. The peers are replicas of one `peer`
+service (`--scale peer=3`): the coordinator assigns their indices at join.
 
 "Fresh": the copy holds docker-compose.yml only (no runs/, no data/), no FEDMOE_* variable is
 set but the run size and a free host port for the metrics, and the copy belongs to a uid that
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -78,7 +80,7 @@ def test_compose_up_from_a_fresh_clone_trains_to_the_end(tmp_path: Path) -> None
     try:
         # Plain `up`, no --exit-code-from: it must end by itself once the run is over.
         proc = subprocess.run(
-            [*base, "up", "--no-build", "coordinator", "peer0", "peer1", "peer2"],
+            [*base, "up", "--no-build", "--scale", "peer=3"],
             cwd=clone,
             env=env,
             capture_output=True,
@@ -119,6 +121,12 @@ def test_compose_up_from_a_fresh_clone_trains_to_the_end(tmp_path: Path) -> None
     assert summary["status"] == "completed"
     assert (summary["peers"], summary["rounds_completed"]) == (3, 2)
     assert len(records) == 6
+    # Three replicas of one service, three members: indices 0..2 assigned at join, each
+    # advertising its own container address (--advertise auto:50052).
+    assert sorted({r["peer"] for r in records}) == ["peer-0", "peer-1", "peer-2"]
+    addresses = {m["address"] for m in summary["membership"].values()}
+    assert len(addresses) == 3 and all(a.endswith(":50052") for a in addresses), addresses
+    assert not any(a.startswith("127.") for a in addresses), addresses
     assert summary["bytes"]["p2p"] > 0  # experts went container to container
     assert "experts" not in summary["coordinator_view"]["tensor_groups_received"]
     # Each container has an interface of its own: wire bytes are measured and exceed app bytes.
@@ -146,6 +154,25 @@ def test_compose_up_from_a_fresh_clone_trains_to_the_end(tmp_path: Path) -> None
         ),
     )
     print("wire bytes:", json.dumps({k: wire[k] for k in ("coordinator", "p2p", "peers_total")}))
+
+
+def test_peers_follows_fedmoe_peers(tmp_path: Path) -> None:
+    """FEDMOE_PEERS sets both the coordinator's --peers and the number of peer replicas."""
+    clone = fresh_clone(tmp_path)
+    for overlay in ([], ["-f", "docker-compose.yml", "-f", str(REPO / "docker-compose.gpu.yml")]):
+        proc = subprocess.run(
+            [*compose_cmd(), *overlay, "config"],
+            cwd=clone,
+            env=newcomer_env(FEDMOE_PEERS="7"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        config = proc.stdout
+        assert "replicas: 7" in config and "\n  peer0:" not in config, config
+        assert re.search(r"- --peers\s*\n\s*- ['\"]?7['\"]?\n", config), config
+        assert ("cuda:auto" in config) == bool(overlay), config
 
 
 def entrypoint(
