@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent import futures
@@ -113,6 +114,11 @@ def test_hostile_client_is_refused_and_the_run_goes_on(tmp_path: Path) -> None:
             grpc.insecure_channel(f"127.0.0.1:{peer_port}", options=CHANNEL_OPTIONS)
         )
         steal = pb.ExpertRequest(requester_id="peer-0", round=1, experts=[0], ticket="guess")
+        # The peer's server is up before its join completes; until then it serves nobody.
+        deadline = time.monotonic() + 60
+        while "peer-1 joined" not in c.log_text("coordinator"):
+            assert time.monotonic() < deadline, "peer-1 never joined"
+            time.sleep(0.05)
         refused(
             lambda: list(peer.FetchExperts(steal, timeout=60, wait_for_ready=True)),
             grpc.StatusCode.PERMISSION_DENIED,
