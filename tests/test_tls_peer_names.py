@@ -41,9 +41,7 @@ def two_hosted(certs: Path):  # type: ignore[no-untyped-def]
         service.add_peer(f"peer-{k}", store, ByteCounter())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     add_expert_exchange(server, service)
-    port = add_port(
-        server, "127.0.0.1:0", load_tls(certs, "peer-0"), [load_tls(certs, "peer-1")]
-    )
+    port = add_port(server, "127.0.0.1:0", load_tls(certs, "peer-0"), [load_tls(certs, "peer-1")])
     server.start()
     yield f"127.0.0.1:{port}"
     server.stop(0)
@@ -65,9 +63,7 @@ def test_each_hosted_peer_answers_under_its_own_name(certs: Path, two_hosted: st
     assert fetch(certs, two_hosted, "peer-1") == 1.0
 
 
-def test_an_endpoint_without_the_named_certificate_is_refused(
-    certs: Path, two_hosted: str
-) -> None:
+def test_an_endpoint_without_the_named_certificate_is_refused(certs: Path, two_hosted: str) -> None:
     # peer-3's certificate is signed by the same CA, but this endpoint does not hold it: a peer
     # that advertised someone else's address cannot pass for peer-3.
     with pytest.raises(grpc.RpcError) as info:
