@@ -13,7 +13,7 @@ set -eu
 
 say() { echo "fedmoe-tls-peer: $*" >&2; }
 
-P=/tls/peers
+P=/tls  # the tls-peers volume
 CLAIMS="$P/claims"
 MEMORY=/var/lib/fedmoe-tls/cert-index
 me="${HOSTNAME:-$(cat /etc/hostname)}"

@@ -31,6 +31,10 @@ FILES = [
 ]
 COMPOSE = ["-f", "docker-compose.yml", "-f", "docker-compose.tls.yml"]
 
+# Named: v1 would take the one-shot `certs` exiting (0, once the certificates are made) for the
+# end of the run and stop everything; `up` still starts it first, as their dependency.
+SERVICES = ["coordinator", "peer"]
+
 # Run in a throwaway container on the run's network: the same health check, first over a
 # plaintext channel (must be refused), then over TLS with the health check's certificate.
 PROBE = """
@@ -75,9 +79,11 @@ def fresh_clone(root: Path) -> Path:
     return clone
 
 
-def wait_healthy(deadline: float) -> str:
+def wait_healthy(up: subprocess.Popen[str], deadline: float) -> str:
     """The coordinator's container id once docker reports it healthy."""
     while time.monotonic() < deadline:
+        if up.poll() is not None:  # `up` gave up (a container failed to start, say)
+            raise AssertionError(f"compose up exited {up.returncode}: {up.communicate()[0]}")
         for cid in service_containers("coordinator"):
             if docker("inspect", "-f", "{{.State.Health.Status}}", cid).strip() == "healthy":
                 return cid
@@ -99,7 +105,7 @@ def test_compose_tls_from_a_fresh_clone(tmp_path: Path) -> None:
         env["FEDMOE_IMAGE"] = IMAGE
     base = [*compose_cmd(), *COMPOSE]
     up = subprocess.Popen(
-        [*base, "up", "--no-build", "--exit-code-from", "coordinator"],
+        [*base, "up", "--no-build", "--exit-code-from", "coordinator", *SERVICES],
         cwd=clone,
         env=env,
         stdout=subprocess.PIPE,
@@ -107,17 +113,17 @@ def test_compose_tls_from_a_fresh_clone(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        coordinator = wait_healthy(time.monotonic() + 300)
+        coordinator = wait_healthy(up, time.monotonic() + 300)
         network = f"{PROJECT}_fedmoe"
         probe = docker(
-            "run", "--rm", "--network", network, "-v", f"{PROJECT}_tls-coordinator:/tls:ro",
+            "run", "--rm", "-u", "0:0", "--network", network, "-v", f"{PROJECT}_tls-coordinator:/tls:ro",
             "--entrypoint", "python", IMAGE, "-c", PROBE,
         )  # fmt: skip
         # Key files as the services see them: owned by the clone's owner, nobody else may read.
         modes = docker(
-            "run", "--rm", "--network", "none", "-v", f"{PROJECT}_tls-coordinator:/c:ro",
+            "run", "--rm", "-u", "0:0", "--network", "none", "-v", f"{PROJECT}_tls-coordinator:/c:ro",
             "-v", f"{PROJECT}_tls-peers:/p:ro", "--entrypoint", "sh", IMAGE, "-c",
-            "stat -c '%n %a %u:%g' /c /p /c/* /p/*.key /p/*.crt; ls /c /p",
+            "stat -c '%n %a %u:%g' /c /p /c/* /p/*.key /p/*.crt; echo FILES; ls /c /p",
         )  # fmt: skip
         out, _ = up.communicate(timeout=600)
         health = json.loads(docker("inspect", "-f", "{{json .State.Health}}", coordinator))
@@ -162,8 +168,12 @@ def test_compose_tls_from_a_fresh_clone(tmp_path: Path) -> None:
     # Keys 0600 and directories 0700, owned by the clone's owner; the CA's key is gone, and
     # the peers' volume holds no key of the coordinator's or the health check's.
     owner = f"{OWNER[0]}:{OWNER[1]}"
-    stats = dict(line.split(" ", 1) for line in modes.splitlines() if line.startswith("/"))
+    print("\ncompose tls:", probe.replace("\n", "; "), "claims:", claimed)
+    print("summary:", {k: summary[k] for k in ("final_accuracy_mean", "bytes")})
+    stat_lines, files = modes.split("FILES\n")
+    stats = dict(line.split(" ", 1) for line in stat_lines.splitlines())
     keys = {p: s for p, s in stats.items() if p.endswith(".key")}
     assert len(keys) == 5 and all(s == f"600 {owner}" for s in keys.values()), stats
     assert stats["/c"] == stats["/p"] == f"700 {owner}", stats
-    assert "ca.key" not in modes and "/p/coordinator" not in modes and "/p/healthcheck" not in modes
+    assert "ca.key" not in files, files
+    assert not any(p.startswith(("/p/coordinator", "/p/healthcheck")) for p in stats), stats
