@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint protos bench clean image test-compose test-multihost bench-netns
+.PHONY: setup demo test lint protos bench clean image test-compose test-compose-tls test-multihost bench-netns
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ image:
 # `docker compose up`: coordinator + 3 peers in containers (needs docker; .ci/run installs it).
 test-compose: setup image
 	$(BIN)/python -m pytest -q -s tests/system/test_compose.py
+
+# The same with docker-compose.tls.yml: certificates made by a one-shot service, mutual TLS.
+test-compose-tls: setup image
+	$(BIN)/python -m pytest -q -s tests/system/test_compose_tls.py
 
 # Coordinator and peers on separate hosts: Linux network namespaces (needs root and iproute2).
 test-multihost: setup

@@ -68,23 +68,34 @@ def load_tls(certs_dir: str | Path, name: str) -> TlsFiles:
     return TlsFiles(*(p.read_bytes() for p in paths))
 
 
-def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials(
-        [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True
-    )
+def server_credentials(tls: TlsFiles, more: Sequence[TlsFiles] = ()) -> grpc.ServerCredentials:
+    """`tls` first (presented by default), then `more`: gRPC presents the one whose names match
+    the name the client asks for (SNI), so one endpoint can answer as each peer it hosts."""
+    pairs = [(t.key, t.cert) for t in (tls, *more)]
+    return grpc.ssl_server_credentials(pairs, root_certificates=tls.ca, require_client_auth=True)
 
 
-def channel(address: str, tls: TlsFiles | None, options: list) -> grpc.Channel:
+def channel(
+    address: str, tls: TlsFiles | None, options: list, server_name: str | None = None
+) -> grpc.Channel:
+    """With `server_name`, the server's certificate must be valid for that name (every
+    certificate of `fedmoe certs` carries its node name) instead of the host in `address`: a
+    peer checks that the endpoint it fetches from is the node it expects, whatever address
+    (e.g. a container's IP, unknown when the certificates were made) that node advertised."""
     if tls is None:
         return grpc.insecure_channel(address, options=options)
     creds = grpc.ssl_channel_credentials(tls.ca, private_key=tls.key, certificate_chain=tls.cert)
+    if server_name is not None:
+        options = [*options, ("grpc.ssl_target_name_override", server_name)]
     return grpc.secure_channel(address, creds, options=options)
 
 
-def add_port(server: grpc.Server, listen: str, tls: TlsFiles | None) -> int:
+def add_port(
+    server: grpc.Server, listen: str, tls: TlsFiles | None, more: Sequence[TlsFiles] = ()
+) -> int:
     if tls is None:
         return server.add_insecure_port(listen)
-    return server.add_secure_port(listen, server_credentials(tls))
+    return server.add_secure_port(listen, server_credentials(tls, more))
 
 
 def make_certs(out: Path, nodes: list[str], hosts: list[str], days: int = 30) -> list[Path]:

@@ -32,15 +32,15 @@ class ExpertClient:
         self.limits = limits or WireLimits()
         self.tls = tls
         self._lock = threading.Lock()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[tuple[str, str | None], grpc.Channel] = {}
         self._counting = CountingInterceptor(counter, "p2p")
 
-    def _stub(self, address: str) -> rpc.ExpertExchangeStub:
+    def _stub(self, address: str, server_name: str | None) -> rpc.ExpertExchangeStub:
         with self._lock:
-            ch = self._channels.get(address)
+            ch = self._channels.get((address, server_name))
             if ch is None:
-                ch = channel(address, self.tls, CHANNEL_OPTIONS)
-                self._channels[address] = ch
+                ch = channel(address, self.tls, CHANNEL_OPTIONS, server_name)
+                self._channels[(address, server_name)] = ch
         return rpc.ExpertExchangeStub(grpc.intercept_channel(ch, self._counting))
 
     def fetch(
@@ -68,7 +68,9 @@ class ExpertClient:
             source_id=source_id,
         )
         assembler = TensorAssembler(self.limits, expected)
-        call = self._stub(address).FetchExperts(request, timeout=self.timeout)
+        # Under TLS the source must hold its own certificate (peer-K), whatever its address.
+        server_name = source_id if self.tls is not None and source_id else None
+        call = self._stub(address, server_name).FetchExperts(request, timeout=self.timeout)
         try:
             for chunk in call:
                 tensor = assembler.add(chunk)

@@ -336,8 +336,10 @@ def run_peers(
     server = expert_server(service, workers, EXPERT_SERVER_OPTIONS, 4 * workers, interceptors)
     enable_reflection(server, ("fedmoe.v1.ExpertExchange",))
     try:
-        # One endpoint for all hosted peers; it presents the first one's certificate.
-        port = add_port(server, listen, tls[indices[0]] if tls else None)
+        # One endpoint for all hosted peers; it presents each one's certificate to a client
+        # that asks for it by name (SNI: the expert client does), the first one's otherwise.
+        first = tls[indices[0]] if tls else None
+        port = add_port(server, listen, first, [tls[k] for k in indices[1:]] if tls else ())
     except RuntimeError as e:
         raise SystemExit(f"peer: cannot listen on {listen}: {e}") from e
     if advertise_port is not None:  # --advertise auto[:PORT]
