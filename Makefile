@@ -29,6 +29,11 @@ image:
 test-compose: setup image
 	$(BIN)/python -m pytest -q -s tests/system/test_compose.py
 
+# `docker stack deploy -c docker-stack.yml` on a one-node swarm (made and left if none is there).
+.PHONY: test-swarm
+test-swarm: setup image
+	$(BIN)/python -m pytest -q -s tests/system/test_swarm.py
+
 # Coordinator and peers on separate hosts: Linux network namespaces (needs root and iproute2).
 test-multihost: setup
 	$(BIN)/python -m pytest -q -s tests/system/test_multihost.py
