@@ -65,12 +65,21 @@ def task_states(service: str) -> list[str]:
     return [line for line in out.splitlines() if line]
 
 
+def service_logs(service: str) -> str:
+    proc = subprocess.run(
+        ["docker", "service", "logs", "--raw", f"{STACK}_{service}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return (proc.stdout + proc.stderr)[-3000:]
+
+
 def all_complete(service: str, count: int) -> bool:
     states = task_states(service)
     failed = [s for s in states if s.startswith(("Failed", "Rejected"))]
     if failed:
-        logs = docker("service", "logs", "--raw", f"{STACK}_{service}", check=False)
-        raise AssertionError(f"{service} task failed: {failed}\n{logs[-4000:]}")
+        raise AssertionError(f"{service} task failed: {failed}\n{service_logs(service)}")
     return len(states) == count and all(s.startswith("Complete") for s in states)
 
 
@@ -89,6 +98,8 @@ def swarm() -> Iterator[None]:
     finally:
         if created:
             docker("swarm", "leave", "--force")
+            # made by the swarm for its tasks' outside traffic; leaving keeps it
+            docker("network", "rm", "docker_gwbridge", check=False)
 
 
 def remove_stack() -> None:
@@ -135,8 +146,11 @@ def test_stack_deploy_trains_to_the_end(swarm: None, tmp_path: Path) -> None:
             "network", "inspect", f"{STACK}_fedmoe", "--format", "{{(index .IPAM.Config 0).Subnet}}"
         ).strip()
         # No start order in swarm: the peers wait (Join with wait_for_ready) for the coordinator.
-        wait_for("the coordinator's task to complete", lambda: all_complete("coordinator", 1), 600)
-        wait_for("the peers' tasks to complete", lambda: all_complete("peer", PEERS), 120)
+        try:  # ~30 s here (2 cores); a stuck join would otherwise wait for --timeout
+            wait_for("the coordinator's task to complete", lambda: all_complete("coordinator", 1), 300)
+            wait_for("the peers' tasks to complete", lambda: all_complete("peer", PEERS), 120)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{service_logs('coordinator')}\n{service_logs('peer')}") from e
         summary = json.loads((runs / "summary.json").read_text())
         records = [json.loads(x) for x in (runs / "metrics.jsonl").read_text().splitlines()]
         owned = owners(runs)
