@@ -147,10 +147,14 @@ def test_stack_deploy_trains_to_the_end(swarm: None, tmp_path: Path) -> None:
         ).strip()
         # No start order in swarm: the peers wait (Join with wait_for_ready) for the coordinator.
         try:  # ~30 s here (2 cores); a stuck join would otherwise wait for --timeout
-            wait_for("the coordinator's task to complete", lambda: all_complete("coordinator", 1), 300)
+            wait_for(
+                "the coordinator's task to complete", lambda: all_complete("coordinator", 1), 300
+            )
             wait_for("the peers' tasks to complete", lambda: all_complete("peer", PEERS), 120)
         except AssertionError as e:
-            raise AssertionError(f"{e}\n{service_logs('coordinator')}\n{service_logs('peer')}") from e
+            raise AssertionError(
+                f"{e}\n{service_logs('coordinator')}\n{service_logs('peer')}"
+            ) from e
         summary = json.loads((runs / "summary.json").read_text())
         records = [json.loads(x) for x in (runs / "metrics.jsonl").read_text().splitlines()]
         owned = owners(runs)
