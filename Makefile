@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint protos bench clean image test-compose test-compose-tls test-multihost bench-netns
+.PHONY: setup demo test lint protos bench clean image test-compose test-compose-tls test-swarm test-multihost bench-netns
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test-compose: setup image
 # The same with docker-compose.tls.yml: certificates made by a one-shot service, mutual TLS.
 test-compose-tls: setup image
 	$(BIN)/python -m pytest -q -s tests/system/test_compose_tls.py
+
+# `docker stack deploy -c docker-stack.yml` on a one-node swarm (made and left if none is there).
+test-swarm: setup image
+	$(BIN)/python -m pytest -q -s tests/system/test_swarm.py
 
 # Coordinator and peers on separate hosts: Linux network namespaces (needs root and iproute2).
 test-multihost: setup
