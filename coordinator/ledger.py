@@ -46,9 +46,9 @@ class ReportLedger:
     def abandon(self, round_: int, peer_id: str) -> None:
         self.abandoned.setdefault(round_, set()).add(peer_id)
 
-    def done_with(self, round_: int) -> set[str]:
-        """Members whose report of `round_` is in (or who will never send one)."""
-        return set(self.pending.get(round_, {})) | self.abandoned.get(round_, set())
+    def is_done(self, round_: int, peer_id: str) -> bool:
+        """Whether `peer_id`'s report of `round_` is in (or it will never send one)."""
+        return peer_id in self.pending.get(round_, ()) or peer_id in self.abandoned.get(round_, ())
 
     def flush(
         self,
@@ -75,7 +75,9 @@ class ReportLedger:
             if not d.started and not deadline:
                 break
             gone = self.abandoned.get(r, set())
-            waiting = {p for p in d.expected - set(got) - gone if alive(p)}
+            # Stops at the first live member still to report: flush runs on every report, and a
+            # full scan each time made a round of N reports O(N^2) under the book's lock.
+            waiting = any(p not in got and p not in gone and alive(p) for p in d.expected)
             if waiting and not deadline:
                 break
             if not got:  # nobody left who can report this round: note it and move on

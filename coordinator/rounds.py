@@ -126,9 +126,9 @@ class RoundBook:
         self.clock = clock
         self.uploads = bool(upload_prefixes(cfg, 1))
         self._cv = threading.Condition()
-        # alive() and reported(r), as every heartbeat returns them: O(N) to build, so built once
-        # and dropped on every change (join, revival, report) and at every tick.
-        self._views: dict[tuple[Any, ...], list[str]] = {}
+        # alive() and left(), as every heartbeat returns them: O(N) to build, so built once and
+        # dropped on every change of membership or liveness (join, revival) and at every tick.
+        self._views: dict[tuple[Any, ...], Any] = {}
         self.log = EventLog()
         self.membership = Membership(cfg, clock, self.log)
         self.ledger = ReportLedger(cfg.rounds, cfg.round_timeout)
@@ -230,39 +230,45 @@ class RoundBook:
                 self._cv.notify_all()
 
     def reported(self, round_: int) -> list[str]:
-        """Members that have reported `round_`: their fetches for it are over."""
-        view = self._views.get(("reported", round_))  # lock-free when built
-        if view is None:
-            with self._cv:
-                done = {p for p, m in self.members.items() if round_ in m.reported}
-                view = self._views[("reported", round_)] = sorted(
-                    done | self.ledger.done_with(round_)
-                )
-        return view
+        """Members that have reported `round_` (or never will): their fetches for it are over.
+        O(N): for the end of the run; heartbeats ask `reported_to`, which is O(requesters)."""
+        with self._cv:
+            return sorted(p for p in self.members if self._done_with(p, round_))
+
+    def _done_with(self, peer_id: str, round_: int) -> bool:
+        member = self.members.get(peer_id)
+        return (member is not None and round_ in member.reported) or self.ledger.is_done(
+            round_, peer_id
+        )
 
     def reported_to(self, source: str, round_: int) -> list[str]:
-        """Of the members `source` serves in `round_`, those done with it (see `reported`)."""
+        """Of the members `source` serves in `round_`, those done with it (see `reported`).
+
+        Every heartbeat asks this, so it looks only at the source's requesters (at most P x M),
+        lock-free: dict and set membership tests are atomic under the GIL."""
         closed = self.closed.get(round_)
         requesters = closed.orders.get(source, {}) if closed else {}
-        if not requesters:
-            return []
-        done = set(self.reported(round_))
-        return [p for p in sorted(requesters) if p in done]
+        return [p for p in sorted(requesters) if self._done_with(p, round_)]
 
     def left(self) -> list[str]:
         """Members no longer alive (silent past peer_timeout); usually none."""
         view = self._views.get(("left",))  # lock-free when built, like alive()
         if view is None:
-            with self._cv:
-                alive = set(self.membership.alive())
-                view = self._views[("left",)] = sorted(set(self.members) - alive)
+            with self._cv:  # built by the first caller after a change, not by every waiter
+                view = self._views.get(("left",))
+                if view is None:
+                    view = self._views[("left",)] = sorted(
+                        p for p, m in self.members.items() if not m.alive
+                    )
         return view
 
     def alive(self) -> list[str]:
         view = self._views.get(("alive",))  # lock-free when built
         if view is None:
             with self._cv:
-                view = self._views[("alive",)] = self.membership.alive()
+                view = self._views.get(("alive",))
+                if view is None:
+                    view = self._views[("alive",)] = self.membership.alive()
         return view
 
     def ordered(self, peer_ids: Iterable[str]) -> list[str]:
@@ -356,15 +362,29 @@ class RoundBook:
             raise Refused(Reason.BAD_REQUEST, f"upload lacks tensors of the model: {lacking[:3]}")
 
     def _maybe_close(self) -> None:
+        """Close the open round once every live participant has uploaded (or at its deadline
+        with a quorum). Runs on every upload, under the lock: O(1) until the upload count
+        reaches the live participants' count, so a round of N uploads costs O(N), not O(N^2)."""
         if not self.uploads or self.closed_round >= self.cfg.rounds or self.failure:
             return
-        submitted = set(self.updates)
+        submitted = len(self.updates)
+        if submitted < self.cfg.min_peers:
+            return
         r = self.open_round
-        live = {p for p in self.membership.sampled(r) if self.members[p].alive}
-        everyone = self.membership.all_joined(r) and submitted >= live
         deadline = self.clock() - self.round_opened_at >= self.cfg.round_timeout
-        if len(submitted) >= self.cfg.min_peers and (everyone or deadline):
+        if deadline or self._everyone_submitted(r, submitted):
             self._close(r)
+
+    def _everyone_submitted(self, r: int, submitted: int) -> bool:
+        if not self.membership.all_joined(r):
+            return False
+        key = ("live sampled", r)
+        live = self._views.get(key)
+        if live is None:  # rebuilt after a change of membership or liveness (see _views)
+            live = self._views[key] = frozenset(
+                p for p in self.membership.sampled(r) if self.members[p].alive
+            )
+        return submitted >= len(live) and live <= self.updates.keys()
 
     def _close(self, round_: int) -> None:
         peers = self.ordered(set(self.updates))
@@ -492,7 +512,6 @@ class RoundBook:
             if not self.uploads and not takes_part(self.cfg, member.index, round_):
                 raise Refused(Reason.WRONG_TIME, f"you are not sampled for round {round_}")
             self.ledger.add(round_, member.peer_id, record)
-            self._views.clear()
             self._maybe_write()
             self._save()
 
@@ -502,10 +521,18 @@ class RoundBook:
             if r > self.closed_round:
                 return None
             since = self.closed_at.get(r, self.round_opened_at)
-            return Due(frozenset(self.participants[r]), since)
+            return Due(self._expected(r), since)
         # local: no uploads; every sampled member trains, once everyone has joined
         started = len(self.members) >= self.cfg.peers
         return Due(frozenset(self.sampled(r)), self.round_opened_at, started)
+
+    def _expected(self, r: int) -> frozenset[str]:
+        """Round r's participants as a set, built once per round (every report asks)."""
+        key = ("expected", r)
+        expected = self._views.get(key)
+        if expected is None:
+            expected = self._views[key] = frozenset(self.participants[r])
+        return expected
 
     def _written(self, r: int, peers: list[str], records: list[dict[str, Any]]) -> None:
         self.on_round_reported(r, records)

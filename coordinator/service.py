@@ -46,6 +46,14 @@ log = logging.getLogger("fedmoe.coordinator")
 CALLS_PER_MEMBER = {"Heartbeat": 4}
 DEFAULT_CALLS_PER_MEMBER = 2
 DECODERS = 4  # uploads decoded at once
+# Round results streamed at once. When a round closes, ~N held GetRoundResult calls wake
+# together; all of them streaming at once kept ~N threads runnable under the GIL and queued every
+# heartbeat behind them (p99 ~0.8-2 s at N = 1,000). A few at a time deliver the same bytes in
+# the same total time while a heartbeat waits behind only these few. A sender that cannot get a
+# slot in SENDER_WAIT_SECONDS (slots held by readers that stopped reading) sends without one, so
+# stalled readers can slow the delivery but never stop it.
+SENDERS = 8
+SENDER_WAIT_SECONDS = 2.0
 # Heartbeats the coordinator asks for, per second, whatever N: each costs ~0.5 ms of its one
 # Python core, so at 1,000 peers beating every peer_timeout / 5 (500/s) they took ~40% of it
 # (bench/scale.py). Never rarer than twice per peer timeout, so liveness stays detectable.
@@ -157,6 +165,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         # every heartbeat waited behind hundreds of runnable threads (p99 1.4 s). A few at a
         # time keep the queue for the GIL short; a slow sender holds no slot while it sends.
         self._decoding = threading.BoundedSemaphore(DECODERS)
+        self._sending = threading.BoundedSemaphore(SENDERS)
         self._calls: dict[tuple[str, str], int] = {}
         # The aggregate's chunks, encoded once: every peer of a round fetches the same bytes.
         self._shared_parts: tuple[dict[str, Any], list[pb.RoundResultPart]] | None = None
@@ -191,6 +200,16 @@ class CoordinatorService(rpc.CoordinatorServicer):
             _refuse(context, e)
         finally:
             waiting.blocked = False
+
+    @contextmanager
+    def _sender(self) -> Iterator[None]:
+        """One of the SENDERS slots for streaming a result, or none after SENDER_WAIT_SECONDS."""
+        held = self._sending.acquire(timeout=SENDER_WAIT_SECONDS)
+        try:
+            yield
+        finally:
+            if held:
+                self._sending.release()
 
     @contextmanager
     def _slot(self, context: grpc.ServicerContext, member: Member, method: str) -> Iterator[None]:
@@ -333,7 +352,8 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 closed, version = self.book.wait_outcome(
                     member, request.round, w.seconds, w.cancelled
                 )
-            yield from self._round_result(member, request, closed, version)
+            with self._sender():
+                yield from self._round_result(member, request, closed, version)
 
     def _round_result(
         self, member: Member, request: pb.RoundRequest, closed: Any, version: int
@@ -378,7 +398,8 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 round_, version, shared = self.book.latest(
                     request.after_round, w.seconds, w.cancelled
                 )
-            yield from self._latest(request, round_, version, shared)
+            with self._sender():
+                yield from self._latest(request, round_, version, shared)
 
     def _latest(
         self, request: pb.LatestRequest, round_: int, version: int, shared: dict[str, Any]

@@ -288,3 +288,26 @@ def test_join_journal_restores_members_without_rewriting_the_state(tmp_path) -> 
     ckpt.restore(restored)
     assert restored.authenticate(b.session).peer_id == "peer-1"
     assert restored.join(0, "h0:2", a.secret).joins == 2  # the secret survives a restart
+
+
+def test_result_senders_are_bounded_and_a_stalled_slot_does_not_stop_delivery(monkeypatch):
+    """At most SENDERS result streams send at once; when every slot is held (readers that
+    stopped reading), the next sender goes on without one after SENDER_WAIT_SECONDS."""
+    import threading
+
+    from fedmoe.coordinator import service as svc
+
+    monkeypatch.setattr(svc, "SENDER_WAIT_SECONDS", 0.05)
+    service = svc.CoordinatorService.__new__(svc.CoordinatorService)
+    service._sending = threading.BoundedSemaphore(svc.SENDERS)
+    held = [service._sender() for _ in range(svc.SENDERS)]
+    for h in held:
+        h.__enter__()
+    assert not service._sending.acquire(blocking=False)  # every slot taken
+    with service._sender():  # waits SENDER_WAIT_SECONDS, then sends without a slot
+        pass
+    assert not service._sending.acquire(blocking=False)  # and gave back no slot it never had
+    for h in held:
+        h.__exit__(None, None, None)
+    for _ in range(svc.SENDERS):  # every held slot was returned
+        assert service._sending.acquire(blocking=False)
