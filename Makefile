@@ -27,7 +27,7 @@ image:
 
 # `docker compose up`: coordinator + 3 peers in containers (needs docker; .ci/run installs it).
 test-compose: setup image
-	$(BIN)/python -m pytest -q -s tests/system/test_compose.py
+	$(BIN)/python -m pytest -q -s tests/system/test_compose.py tests/system/test_compose_peers.py
 
 # The same with docker-compose.tls.yml: certificates made by a one-shot service, mutual TLS.
 test-compose-tls: setup image

@@ -159,6 +159,14 @@ def run_coordinator(
     if resuming:
         assert checkpoint is not None
         checkpoint.restore(book)
+        if book.finished and (out_dir / "summary.json").exists():
+            # A restart after the end (a supervisor's, a redeployed stack): the results are
+            # final; serving again would only overwrite summary.json with this process's view.
+            print(
+                f"run {cfg.run_id} in {state_dir} is already complete; results in {out_dir}",
+                flush=True,
+            )
+            return 0
     results = RunResults(out_dir, cfg, resume_after=book.reported_round if resuming else None)
     if resuming:
         print(

@@ -81,6 +81,14 @@ def test_coordinator_killed_after_round_2_resumes_from_its_checkpoint(cluster_fa
     assert any(e["event"] == "coordinator restarted" for e in s["events"])
     assert "resumed run" in c.log_text("coordinator")
 
+    # Restarted once more after the end (a supervisor, a redeployed stack): it says so, exits 0
+    # and leaves the final summary.json as it was.
+    before = c.summary()
+    c.start_coordinator()
+    assert c.wait("coordinator") == 0, c.logs()
+    assert "already complete" in c.log_text("coordinator")
+    assert c.summary() == before
+
 
 def test_restarted_peer_rejoins_within_one_round(cluster_factory) -> None:
     c = cluster_factory(3, 6)
