@@ -85,7 +85,11 @@ def wait_healthy(up: subprocess.Popen[str], deadline: float) -> str:
         if up.poll() is not None:  # `up` gave up (a container failed to start, say)
             raise AssertionError(f"compose up exited {up.returncode}: {up.communicate()[0]}")
         for cid in service_containers("coordinator"):
-            if docker("inspect", "-f", "{{.State.Health.Status}}", cid).strip() == "healthy":
+            # A container not started yet (it waits for `certs`) has no .State.Health at all.
+            status = docker(
+                "inspect", "-f", "{{if .State.Health}}{{.State.Health.Status}}{{end}}", cid
+            )
+            if status.strip() == "healthy":
                 return cid
         time.sleep(0.5)  # polling docker for a condition, with a deadline
     raise AssertionError("the coordinator never became healthy")
