@@ -72,15 +72,27 @@ def owners(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root.parent)): (p.lstat().st_uid, p.lstat().st_gid) for p in paths}
 
 
-def test_compose_up_from_a_fresh_clone_trains_to_the_end(tmp_path: Path) -> None:
+# (variables, extra `up` arguments, peers, rounds): the plain command exactly as a newcomer
+# types it, with the defaults (4 peers, 20 rounds); and N = 6 replicas from one command line.
+CASES = {
+    "plain": ({}, [], 4, 20),
+    "scale-6": ({"FEDMOE_PEERS": "6", "FEDMOE_ROUNDS": "2"}, ["--scale", "peer=6"], 6, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compose_up_from_a_fresh_clone_trains_to_the_end(tmp_path: Path, case: str) -> None:
+    variables, up_args, n, rounds = CASES[case]
     clone = fresh_clone(tmp_path)
     run_dir = clone / "runs" / "compose"
-    env = newcomer_env(FEDMOE_PEERS="3", FEDMOE_ROUNDS="2", FEDMOE_METRICS_PORT=str(free_port()))
+    env = newcomer_env(**variables)
+    if variables:  # the plain case keeps the default metrics port too
+        env["FEDMOE_METRICS_PORT"] = str(free_port())
     base = compose_cmd()
     try:
         # Plain `up`, no --exit-code-from: it must end by itself once the run is over.
         proc = subprocess.run(
-            [*base, "up", "--no-build", "--scale", "peer=3"],
+            [*base, "up", "--no-build", *up_args],
             cwd=clone,
             env=env,
             capture_output=True,
@@ -96,7 +108,7 @@ def test_compose_up_from_a_fresh_clone_trains_to_the_end(tmp_path: Path) -> None
             check=True,
         ).stdout.split("\n")
         exits = [e for e in exits if e]
-        assert len(exits) == 4 and all(e.endswith(" 0") for e in exits), (exits, logs)
+        assert len(exits) == n + 1 and all(e.endswith(" 0") for e in exits), (exits, logs)
         summary = json.loads((run_dir / "summary.json").read_text())
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         token_mode = stat.S_IMODE((run_dir / "join-token").stat().st_mode)
@@ -119,13 +131,13 @@ def test_compose_up_from_a_fresh_clone_trains_to_the_end(tmp_path: Path) -> None
     assert not (clone / "data").exists()  # digits needs no data folder, and none was made
 
     assert summary["status"] == "completed"
-    assert (summary["peers"], summary["rounds_completed"]) == (3, 2)
-    assert len(records) == 6
-    # Three replicas of one service, three members: indices 0..2 assigned at join, each
-    # advertising its own container address (--advertise auto:50052).
-    assert sorted({r["peer"] for r in records}) == ["peer-0", "peer-1", "peer-2"]
+    assert (summary["peers"], summary["rounds_completed"]) == (n, rounds)
+    assert len(records) == n * rounds
+    # n replicas of one service, n members: indices 0..n-1 assigned at join, each advertising
+    # its own container address (--advertise auto:50052).
+    assert sorted({r["peer"] for r in records}) == sorted(f"peer-{k}" for k in range(n))
     addresses = {m["address"] for m in summary["membership"].values()}
-    assert len(addresses) == 3 and all(a.endswith(":50052") for a in addresses), addresses
+    assert len(addresses) == n and all(a.endswith(":50052") for a in addresses), addresses
     assert not any(a.startswith("127.") for a in addresses), addresses
     assert summary["bytes"]["p2p"] > 0  # experts went container to container
     assert "experts" not in summary["coordinator_view"]["tensor_groups_received"]
