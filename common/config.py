@@ -20,6 +20,7 @@ from fedmoe.common.proto import pb
 ALGORITHMS: dict[str, int] = {
     "fedmoe-da": pb.FEDMOE_DA,
     "fedavg": pb.FEDAVG,
+    "moe-fedavg": pb.MOE_FEDAVG,
     "local": pb.LOCAL,
 }
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
@@ -430,6 +431,8 @@ def upload_prefixes(cfg: pb.RunConfig, round_: int) -> tuple[str, ...]:
     """Which parameters a peer uploads to the coordinator in a round (DESIGN.md §1.3)."""
     if cfg.algorithm == pb.FEDAVG:
         return ("embedding.", "gate.", "experts.")
+    if cfg.algorithm == pb.MOE_FEDAVG:
+        return ("embedding.", "experts.")  # the gate stays personal
     if cfg.algorithm == pb.FEDMOE_DA:
         return ("embedding.", "gate.") if is_sync_round(cfg, round_) else ("embedding.",)
     return ()
