@@ -276,7 +276,7 @@ OPTIONS: tuple[Option, ...] = (
         "--aggregation",
         str,
         "mean",
-        "how the coordinator combines embedding uploads (mean: FedAvg)",
+        "how the coordinator combines uploads (mean: FedAvg)",
         choices=AGGREGATIONS,
     ),
     Option(
@@ -293,7 +293,7 @@ OPTIONS: tuple[Option, ...] = (
         "--clip-norm",
         float,
         0.0,  # 0: off
-        "clip each embedding upload's change to this L2 norm (0 = off)",
+        "clip each upload's change to this L2 norm (0 = off)",
         _at_least(0),
         "must be non-negative (0 = off)",
     ),
