@@ -23,6 +23,7 @@ from pathlib import Path
 DEFAULT_VARIANTS = [
     "fedmoe-da:--algorithm fedmoe-da",
     "fedavg:--algorithm fedavg",
+    "moe-fedavg:--algorithm moe-fedavg",
     "local:--algorithm local",
 ]
 

@@ -20,6 +20,7 @@ from fedmoe.common.proto import pb
 ALGORITHMS: dict[str, int] = {
     "fedmoe-da": pb.FEDMOE_DA,
     "fedavg": pb.FEDAVG,
+    "moe-fedavg": pb.MOE_FEDAVG,
     "local": pb.LOCAL,
 }
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
@@ -277,7 +278,7 @@ OPTIONS: tuple[Option, ...] = (
         "--aggregation",
         str,
         "mean",
-        "how the coordinator combines embedding uploads (mean: FedAvg)",
+        "how the coordinator combines uploads (mean: FedAvg)",
         choices=AGGREGATIONS,
     ),
     Option(
@@ -294,7 +295,7 @@ OPTIONS: tuple[Option, ...] = (
         "--clip-norm",
         float,
         0.0,  # 0: off
-        "clip each embedding upload's change to this L2 norm (0 = off)",
+        "clip each upload's change to this L2 norm (0 = off)",
         _at_least(0),
         "must be non-negative (0 = off)",
     ),
@@ -466,6 +467,8 @@ def upload_prefixes(cfg: pb.RunConfig, round_: int) -> tuple[str, ...]:
     """Which parameters a peer uploads to the coordinator in a round (DESIGN.md §1.3)."""
     if cfg.algorithm == pb.FEDAVG:
         return ("embedding.", "gate.", "experts.")
+    if cfg.algorithm == pb.MOE_FEDAVG:
+        return ("embedding.", "experts.")  # the gate stays personal
     if cfg.algorithm == pb.FEDMOE_DA:
         return ("embedding.", "gate.") if is_sync_round(cfg, round_) else ("embedding.",)
     return ()

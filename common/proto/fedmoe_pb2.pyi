@@ -24,6 +24,7 @@ class Algorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FEDMOE_DA: _ClassVar[Algorithm]
     FEDAVG: _ClassVar[Algorithm]
     LOCAL: _ClassVar[Algorithm]
+    MOE_FEDAVG: _ClassVar[Algorithm]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -36,6 +37,7 @@ ALGORITHM_UNSPECIFIED: Algorithm
 FEDMOE_DA: Algorithm
 FEDAVG: Algorithm
 LOCAL: Algorithm
+MOE_FEDAVG: Algorithm
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset", "total_bytes", "data", "crc32")

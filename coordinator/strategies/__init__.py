@@ -6,6 +6,7 @@ from fedmoe.common.proto import pb
 from fedmoe.coordinator.strategies.base import PeerUpdate, RoundOutcome, Strategy, Term
 from fedmoe.coordinator.strategies.fedavg import FedAvg, Local
 from fedmoe.coordinator.strategies.fedmoe_da import FedMoEDA
+from fedmoe.coordinator.strategies.moe_fedavg import MoEFedAvg
 from fedmoe.coordinator.strategies.robust import RobustCombine
 
 
@@ -15,6 +16,8 @@ def make_strategy(cfg: pb.RunConfig) -> Strategy:
         return FedMoEDA(cfg.neighbors, cfg.temperature, cfg.sync_every, cfg.intra_peer, combine)
     if cfg.algorithm == pb.FEDAVG:
         return FedAvg(combine)
+    if cfg.algorithm == pb.MOE_FEDAVG:
+        return MoEFedAvg(combine)
     return Local()
 
 
@@ -22,6 +25,7 @@ __all__ = [
     "FedAvg",
     "FedMoEDA",
     "Local",
+    "MoEFedAvg",
     "RobustCombine",
     "PeerUpdate",
     "RoundOutcome",
