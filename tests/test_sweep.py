@@ -247,12 +247,69 @@ def test_dry_run_lists_runs_and_estimates_time(tmp_path):
     out = io.StringIO()
     dry_run(exp, tmp_path / "out" / "runs", out)
     text = out.getvalue()
-    assert text.count("todo") == 4 + 15  # tuning runs, then every final run (lr not yet known)
-    # 19 runs x 2 rounds x 2 peers x 1.5 s
-    assert "work left: 76 peer-rounds; time ~2 min" in text
+    # tuning runs, then the final runs that are not a tuning run at the lr to be selected
+    assert text.count("todo") == 4 + 15 - 2
+    assert "(lr to be tuned)" in text
+    # 17 runs x 2 rounds x 2 peers x 1.5 s = 102 s
+    assert "work left: 68 peer-rounds; time ~2 min" in text
+    run_sweep(tmp_path, FakeLauncher())
+    out = io.StringIO()
+    dry_run(exp, tmp_path / "out" / "runs", out)
+    assert out.getvalue().count("done") == 4 + 15 - 2 and "todo" not in out.getvalue()
+    assert "work left: 0 peer-rounds" in out.getvalue()
 
 
 def test_experiment_files_in_the_repository_parse():
     for path in sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml")):
         exp = load_experiment(path)
         assert exp.tuning_runs() and exp.lr_grid
+
+
+def test_fedmoe_sweep_command_dry_run(tmp_path, capsys):
+    from fedmoe.cli import main
+
+    path = tmp_path / "exp.toml"
+    path.write_text(EXPERIMENT)
+    assert main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "== tune" in text and "(lr to be tuned)" in text
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    path.write_text(EXPERIMENT.replace("lr = [0.01, 0.1]", "lr = [0.01, 0.01]"))
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    assert "tune.lr: a value is given twice" in capsys.readouterr().err
+
+
+def _has_val_fraction() -> bool:
+    from fedmoe.common.config import OPTIONS
+
+    return any(o.flag == "--val-fraction" for o in OPTIONS)
+
+
+@pytest.mark.skipif(not _has_val_fraction(), reason="needs --val-fraction (branch evidence-val)")
+def test_real_sweep_end_to_end(tmp_path, capsys):
+    """Real `fedmoe local` runs (processes, gRPC on loopback), digits, one round: tuning picks
+    an lr from the grid on validation accuracy, and a second invocation runs nothing."""
+    from fedmoe.cli import main
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(
+        'base = "--dataset digits --peers 2 --rounds 1 --val-fraction 0.2"\n'
+        "seeds = [0]\n"
+        '[algorithms]\nfedmoe-da = "--algorithm fedmoe-da"\nfedavg = "--algorithm fedavg"\n'
+        '[settings]\n"alpha=0.5" = "--alpha 0.5"\n'
+        '[tune]\nlr = [0.05, 0.1]\nseeds = [0]\nsettings = ["alpha=0.5"]\n'
+    )
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["selected_lr"]) == {"fedmoe-da", "fedavg"}
+    for algorithm, by_lr in data["tuning"]["val_accuracy"].items():
+        best = max(by_lr, key=lambda lr: by_lr[lr])
+        assert data["selected_lr"][algorithm] == float(best)
+    assert len(data["runs"]) == 2
+    for row in data["runs"]:
+        assert 0.0 <= row["final_accuracy"] <= 1.0 and row["bytes_coordinator"] > 0
+    assert len(list((out / "runs").iterdir())) == 4  # final runs are tuning runs: not rerun
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("done before") == 4 + 2

@@ -81,14 +81,20 @@ def dry_run(exp: Experiment, root: Path, out: TextIO) -> None:
     source = "measured on the completed runs here"
     if rate is None and exp.seconds_per_peer_round is not None:
         rate, source = exp.seconds_per_peer_round, "[estimate] of the experiment file"
+    # Before tuning ends, the final run of a tuned (algorithm, setting, seed) is the tuning run
+    # at the lr it will select: already counted in the tuning phase.
+    tuned = {(r.algorithm, r.setting, r.seed) for r in exp.tuning_runs()}
     seen: set[str] = set()
     pending_work = 0
     for phase, runs in (("tune", exp.tuning_runs()), ("final", finals)):
         print(f"== {phase}", file=out)
         for run in runs:
-            if run.key in seen and (phase == "tune" or selected is not None):
+            if run.key in seen:
                 continue
             seen.add(run.key)
+            if selected is None and phase == "final":
+                if (run.algorithm, run.setting, run.seed) in tuned:
+                    continue
             rounds, peers = run_shape(run.flags)
             done = completed_summary(root / run.name) is not None
             if not done:
@@ -100,8 +106,7 @@ def dry_run(exp: Experiment, root: Path, out: TextIO) -> None:
     todo = "unknown: time one run, or give [estimate] seconds_per_peer_round"
     if rate is not None:
         todo = f"~{pending_work * rate / 60:.0f} min ({rate:.2f} s per peer-round, {source})"
-    note = "" if selected else " (final runs counted in full: tuning has not finished)"
-    print(f"work left: {pending_work} peer-rounds; time {todo}{note}", file=out)
+    print(f"work left: {pending_work} peer-rounds; time {todo}", file=out)
 
 
 def _check_all(exp: Experiment) -> None:
