@@ -25,6 +25,8 @@ ALGORITHMS: dict[str, int] = {
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
 EXPERT_WIRE_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
+INITS = ("shared", "per-peer")
+MAX_FINETUNE_EPOCHS = 100
 
 
 def _datasets() -> tuple[str, ...]:
@@ -305,6 +307,33 @@ OPTIONS: tuple[Option, ...] = (
         _positive,
         "must be positive",
     ),
+    # evidence (issue #10; docs/EVIDENCE_OPTIONS.md)
+    Option(
+        "val_fraction",
+        "--val-fraction",
+        float,
+        0.1,
+        "share of each peer's own training rows held out as its validation split (0 = none)",
+        _between(0, 0.5),
+        "must be in [0, 0.5]",
+    ),
+    Option(
+        "init",
+        "--init",
+        str,
+        "shared",
+        "gate and experts: same initialisation on every peer, or seeded per peer",
+        choices=INITS,
+    ),
+    Option(
+        "finetune_epochs",
+        "--finetune-epochs",
+        int,
+        0,
+        "fedavg: evaluate a copy fine-tuned this many local epochs (0 = off)",
+        _between(0, MAX_FINETUNE_EPOCHS),
+        f"must be in [0, {MAX_FINETUNE_EPOCHS}]",
+    ),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 DEFAULTS: dict[str, Any] = {o.key: o.default for o in OPTIONS}
@@ -364,6 +393,13 @@ def make_config(**overrides: Any) -> pb.RunConfig:
 def validate(cfg: pb.RunConfig) -> None:
     """Refuse configurations that cannot run, with the flag to fix in the message."""
     errors = [e for e in (option.problem(cfg) for option in OPTIONS) if e is not None]
+    if cfg.finetune_epochs and cfg.algorithm != pb.FEDAVG:
+        # FedMoE-DA already personalises (own gate and experts) and local never shares: the
+        # FedAvg + fine-tuning baseline means fine-tuning the one global model.
+        errors.append(
+            f"--finetune-epochs is for --algorithm fedavg only (got {ALGORITHM_NAMES.get(cfg.algorithm, 'unknown')}): "
+            "it makes the FedAvg + local fine-tuning baseline"
+        )
     if errors:
         raise ConfigError("invalid run configuration: " + "; ".join(errors))
 

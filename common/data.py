@@ -83,10 +83,11 @@ class ArrayDataset:
 
 @dataclass(frozen=True, eq=False)
 class PeerData:
-    train: ArrayDataset
+    train: ArrayDataset  # the rows the peer trains on (its partition less `val`)
     local_test: ArrayDataset
     global_test: ArrayDataset
-    class_counts: np.ndarray  # training label histogram of this peer
+    class_counts: np.ndarray  # label histogram of `train`
+    val: ArrayDataset | None = None  # held out of the peer's own partition; None: no split
 
 
 def _make(x: np.ndarray, y: np.ndarray, num_classes: int) -> ArrayDataset:
@@ -361,6 +362,30 @@ def local_test_indices(
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def val_split_indices(
+    n: int, fraction: float, seed: int, index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) positions in a peer's own partition of `n` rows: `fraction` of them, at
+    least one, held out for validation. Drawn from (seed, index), so every process and every
+    rerun agree. Both sorted, disjoint, together 0..n-1; fraction 0 holds nothing out."""
+    if not 0.0 <= fraction <= 0.5:
+        raise DataError(f"val_fraction must be in [0, 0.5], got {fraction!r}")
+    _check_seed(seed)
+    everything = np.arange(n, dtype=np.int64)
+    if fraction == 0.0:
+        return everything, np.empty(0, dtype=np.int64)
+    if n < 2:
+        raise DataError(
+            f"peer {index} has {n} training sample(s): too few to hold out a validation split "
+            "(use --val-fraction 0, a larger --alpha or fewer peers)"
+        )
+    size = min(max(1, int(round(fraction * n))), n - 1)  # never all: the peer must train
+    # A stream of its own (tag 0x7A1), apart from the local test draw of the same (seed, index).
+    rng = np.random.default_rng([int(seed), int(index), 0x7A1])
+    val = np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
+    return np.setdiff1d(everything, val, assume_unique=True), val
+
+
 # --------------------------------------------------------------------------- per-process cache
 #
 # One process may host many peers (`fedmoe peer --index 0-24`): they read the dataset and draw
@@ -408,22 +433,29 @@ def load_peer_data(
     alpha: float,
     seed: int,
     cache: bool = False,
+    val_fraction: float = 0.0,
 ) -> PeerData:
     """Data for peer `index` of `num_peers`.
 
     Every peer computes the same Dirichlet split from `seed` and keeps only its own rows; the
     raw training data of the other peers is dropped right away and never leaves this function
     (with `cache`, for a process hosting several peers: once `clear_dataset_cache()` is called).
+    `val_fraction` of the peer's own rows become its validation split, never trained on.
     """
     if not isinstance(num_peers, (int, np.integer)) or num_peers < 1:
         raise DataError(f"num_peers must be an integer >= 1, got {num_peers!r}")
     if not isinstance(index, (int, np.integer)) or not 0 <= index < num_peers:
         raise DataError(f"peer index must be in 0..{num_peers - 1}, got {index!r}")
     train_all, test, split = _load_split(name, data_dir, seed, num_peers, alpha, cache)
-    train = subset(train_all, split[index])
+    own = subset(train_all, split[index])
     del train_all  # drop the other peers' rows now (the cache, if asked for, until cleared)
+    keep, held = val_split_indices(len(own), val_fraction, seed, index)
+    train = subset(own, keep) if len(held) else own
+    val = subset(own, held) if len(held) else None
 
-    proportions = label_proportions(train.y, train.num_classes)
+    # The personal test split follows the whole partition's labels, so it does not depend on
+    # val_fraction: runs with and without a validation split are scored on the same rows.
+    proportions = label_proportions(own.y, own.num_classes)
     # Distinct per peer, yet reproducible from (seed, index).
     local_seed = int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
     size = max(1, len(test) // num_peers)
@@ -433,4 +465,5 @@ def load_peer_data(
         local_test=local,
         global_test=test,
         class_counts=np.bincount(train.y, minlength=train.num_classes).astype(np.int64),
+        val=val,
     )

@@ -106,6 +106,10 @@ class RunResults:
         def mean(key: str) -> float | None:
             return sum(r[key] for r in final) / len(final) if final else None
 
+        def mean_present(key: str) -> float | None:
+            values = [r[key] for r in final if r.get(key) is not None]
+            return sum(values) / len(values) if values else None
+
         return {
             "algorithm": algorithm_name(self.cfg),
             "peers": self.cfg.peers,
@@ -115,6 +119,8 @@ class RunResults:
             "run_id": self.cfg.run_id,
             "final_accuracy_mean": mean("accuracy"),
             "final_global_accuracy_mean": mean("global_accuracy"),
+            # None when the run has no validation split (val_fraction 0)
+            "final_val_accuracy_mean": mean_present("val_accuracy"),
             "final_accuracy_by_peer": {r["peer"]: r["accuracy"] for r in final},
             "bytes": bytes_moved([totals]),
             "bytes_by_direction": totals,

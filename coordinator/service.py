@@ -119,6 +119,11 @@ def _check_report(request: pb.MetricsReport, cfg: pb.RunConfig) -> str | None:
         value = getattr(request, name)
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             return f"{name} must be a number in [0, 1]"
+    if request.HasField("val_accuracy"):
+        if not cfg.val_fraction:
+            return "val_accuracy sent, but the run has no validation split (val_fraction 0)"
+        if not (math.isfinite(request.val_accuracy) and 0.0 <= request.val_accuracy <= 1.0):
+            return "val_accuracy must be a number in [0, 1]"
     for name in ("loss", "seconds", "train_seconds", "exchange_seconds"):
         value = getattr(request, name)
         if not (math.isfinite(value) and 0.0 <= value < 1e9):
@@ -419,6 +424,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             "algorithm": ALGORITHM_NAMES[self.cfg.algorithm],
             "accuracy": request.accuracy,
             "global_accuracy": request.global_accuracy,
+            "val_accuracy": request.val_accuracy if request.HasField("val_accuracy") else None,
             "loss": request.loss,
             "num_samples": request.num_samples,
             "experts_fetched": request.experts_fetched,

@@ -263,7 +263,15 @@ def check_local_data(cfg) -> None:  # type: ignore[no-untyped-def]
         if not (Path(cfg.data_dir) / "cifar-10-batches-py").is_dir():
             return  # the peers may download it where the network allows; they say if not
     try:
-        load_peer_data(cfg.dataset, cfg.data_dir or None, cfg.peers, 0, cfg.alpha, cfg.seed)
+        load_peer_data(
+            cfg.dataset,
+            cfg.data_dir or None,
+            cfg.peers,
+            0,
+            cfg.alpha,
+            cfg.seed,
+            val_fraction=cfg.val_fraction,
+        )
     except DataError as e:
         raise ConfigError(str(e)) from e
 

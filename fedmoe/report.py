@@ -57,6 +57,8 @@ def record_problem(rec: object) -> str | None:
     for key in ("accuracy", "global_accuracy", "loss", "seconds"):
         if not _is_number(rec.get(key)):
             return f"'{key}' is missing or not a number"
+    if rec.get("val_accuracy") is not None and not _is_number(rec["val_accuracy"]):
+        return "'val_accuracy' must be null or a number"
     b = rec.get("bytes")
     keys = ("coordinator_sent", "coordinator_received", "p2p_sent", "p2p_received")
     if not isinstance(b, dict) or not all(_is_count(b.get(k)) for k in keys):
@@ -87,6 +89,7 @@ def round_table(records: list[dict]) -> list[dict]:
                 "peers": n,
                 "accuracy": sum(x["accuracy"] for x in recs) / n,
                 "global_accuracy": sum(x["global_accuracy"] for x in recs) / n,
+                "val_accuracy": _mean_val(recs),
                 "loss": sum(x["loss"] for x in recs) / n,
                 "coordinator_bytes": sum(
                     x["bytes"]["coordinator_sent"] + x["bytes"]["coordinator_received"]
@@ -99,13 +102,23 @@ def round_table(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _mean_val(recs: list[dict]) -> float | None:
+    """Mean validation accuracy over the records that have one (None: no validation split)."""
+    values = [x["val_accuracy"] for x in recs if x.get("val_accuracy") is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _cell(value: float | None) -> str:
+    return f"{'n/a':>7}" if value is None else f"{value:>7.4f}"
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'round':>5} {'peers':>5} {'acc':>7} {'global':>7} {'loss':>7} {'coord MB':>9} {'p2p MB':>9} {'sec':>6}"
+    head = f"{'round':>5} {'peers':>5} {'acc':>7} {'global':>7} {'val':>7} {'loss':>7} {'coord MB':>9} {'p2p MB':>9} {'sec':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['round']:>5} {r['peers']:>5} {r['accuracy']:>7.4f} {r['global_accuracy']:>7.4f} "
-            f"{r['loss']:>7.4f} {r['coordinator_bytes'] / 1e6:>9.3f} {r['p2p_bytes'] / 1e6:>9.3f} "
+            f"{_cell(r['val_accuracy'])} {r['loss']:>7.4f} {r['coordinator_bytes'] / 1e6:>9.3f} {r['p2p_bytes'] / 1e6:>9.3f} "
             f"{r['seconds']:>6.1f}"
         )
     return "\n".join(lines)
@@ -168,10 +181,12 @@ def print_report(run_dir: Path, as_json: bool = False) -> int:
         print(format_phase_table(names, phases))
     if summary:
         acc, gacc = summary["final_accuracy_mean"], summary["final_global_accuracy_mean"]
+        val = summary.get("final_val_accuracy_mean")  # absent in runs from before it existed
         print(
             f"\n{summary['algorithm']}: {summary['peers']} peers, {summary['rounds']} rounds, "
             f"status {summary.get('status')}; final accuracy "
-            f"{'n/a' if acc is None else f'{acc:.4f}'} (global {'n/a' if gacc is None else f'{gacc:.4f}'}); "
+            f"{'n/a' if acc is None else f'{acc:.4f}'} (global {'n/a' if gacc is None else f'{gacc:.4f}'}, "
+            f"val {'n/a' if val is None else f'{val:.4f}'}); "
             f"bytes coordinator {summary['bytes']['coordinator'] / 1e6:.3f} MB, "
             f"p2p {summary['bytes']['p2p'] / 1e6:.3f} MB"
         )
@@ -284,6 +299,7 @@ def round_series(run: Run) -> list[dict]:
             "peers": n,
             "accuracy": sum(x["accuracy"] for x in recs) / n,
             "global_accuracy": sum(x["global_accuracy"] for x in recs) / n,
+            "val_accuracy": _mean_val(recs),
             "loss": sum(x["loss"] for x in recs) / n,
             "coordinator_bytes": coordinator,
             "p2p_bytes": p2p,
@@ -303,7 +319,8 @@ def round_series(run: Run) -> list[dict]:
 
 
 CSV_FIELDS = [
-    "run", "algorithm", "seed", "round", "peers", "accuracy", "global_accuracy", "loss",
+    "run", "algorithm", "seed", "round", "peers", "accuracy", "global_accuracy", "val_accuracy",
+    "loss",
     "coordinator_bytes", "p2p_bytes", "bytes", "cumulative_coordinator_bytes",
     "cumulative_p2p_bytes", "cumulative_bytes", "wire_peers_bytes", "wire_coordinator_bytes",
     "wire_p2p_bytes", "seconds",

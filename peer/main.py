@@ -175,6 +175,7 @@ class _Host:
                     cfg.alpha,
                     cfg.seed,
                     cache=self.multi,
+                    val_fraction=cfg.val_fraction,
                 )
             finally:
                 data_pending = False
@@ -183,11 +184,12 @@ class _Host:
             # peer starts from the same initialisation.
             with COMPUTE_LOCK:
                 device = device_for(self.device, index)
-                trainer = LocalTrainer(build_model(cfg, data), data, cfg, device, index)
+                trainer = LocalTrainer(build_model(cfg, data, index), data, cfg, device, index)
             plog.info(
-                "model ready on %s: %d training samples, %d personal test samples",
+                "model ready on %s: %d training samples, %d validation, %d personal test samples",
                 device,
                 trainer.num_samples,
+                len(data.val) if data.val is not None else 0,
                 len(data.local_test),
             )
             runner = PeerRunner(

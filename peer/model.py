@@ -59,6 +59,11 @@ class Gate(nn.Module):
         super().__init__()
         self.proxies = nn.Parameter(torch.randn(embed_dim, num_experts) / math.sqrt(embed_dim))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        d, m = self.proxies.shape
+        self.proxies.copy_(torch.randn(d, m) / math.sqrt(d))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.proxies
 
@@ -104,6 +109,18 @@ class MoEModel(nn.Module):
         routed = F.one_hot(top_i, self.num_experts).sum(dim=1).float().mean(dim=0) / self.top_k
         balance = self.num_experts * (routed * probs.mean(dim=0)).sum()
         return out, balance
+
+    def reset_personal(self, seed: int) -> None:
+        """Draw the gate and the experts again from `seed` (the embedding is left as it is)."""
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            self.gate.reset_parameters()
+            for expert in self.experts:
+                for layer in (expert.fc1, expert.fc2):
+                    layer.reset_parameters()
+        finally:
+            torch.random.set_rng_state(gen_state)
 
     def expert_names(self, m: int) -> list[str]:
         return [f"experts.{m}.{n}" for n, _ in self.experts[m].named_parameters()]

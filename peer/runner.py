@@ -298,9 +298,9 @@ class PeerRunner:
         sync = is_sync_round(self.cfg, round_)
         fetched = self._share(round_, prefixes, sync, timer) if prefixes else 0
         exchanged = time.perf_counter()
-        with timer.phase("evaluate"):
-            accuracy = self.trainer.evaluate(self.trainer.data.local_test)
-            global_accuracy = self.trainer.evaluate(self.trainer.data.global_test)
+        with timer.phase("evaluate"):  # with --finetune-epochs, the fine-tuning too
+            scores = self.trainer.evaluate_round(round_)
+        accuracy, global_accuracy = scores.accuracy, scores.global_accuracy
         if sync and prefixes:
             with timer.phase("serve_wait"):
                 self._wait_served(round_)
@@ -310,6 +310,8 @@ class PeerRunner:
         with timer.phase("report"):
             report = self._build_report(round_, timer, loss, accuracy, global_accuracy, fetched)
             report.exchange_seconds = exchanged - trained
+            if scores.val_accuracy is not None:
+                report.val_accuracy = scores.val_accuracy
         report.phase_seconds.update(timer.seconds)
         report.seconds = timer.elapsed()  # after the last phase: the phases add up to at most it
         self.log.info(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import threading
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,10 +20,15 @@ from fedmoe.peer.model import MoEModel
 COMPUTE_LOCK = threading.Lock()
 
 
-def build_model(cfg: pb.RunConfig, data: PeerData) -> MoEModel:
+def personal_seed(seed: int, index: int) -> int:
+    """The seed of peer `index`'s gate and experts under --init per-peer."""
+    return int(np.random.SeedSequence([int(seed), int(index), 0x1417]).generate_state(1)[0])
+
+
+def build_model(cfg: pb.RunConfig, data: PeerData, index: int = 0) -> MoEModel:
     # Same seed on every peer: all start from the same embedding, as FedAvg assumes.
     torch.manual_seed(cfg.seed)
-    return MoEModel(
+    model = MoEModel(
         data.train.input_shape,
         data.train.num_classes,
         embed_dim=cfg.embed_dim,
@@ -28,6 +36,18 @@ def build_model(cfg: pb.RunConfig, data: PeerData) -> MoEModel:
         top_k=cfg.top_k,
         expert_hidden=cfg.expert_hidden,
     )
+    if cfg.init == "per-peer":  # experts that start apart (the embedding is averaged: shared)
+        model.reset_personal(personal_seed(cfg.seed, index))
+    return model
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a round's evaluation measured (val: None when the run has no validation split)."""
+
+    accuracy: float  # own local test split
+    global_accuracy: float  # whole test set
+    val_accuracy: float | None
 
 
 class LocalTrainer:
@@ -50,17 +70,21 @@ class LocalTrainer:
             return self._train_round(round_)
 
     def _train_round(self, round_: int) -> float:
-        self.model.train()
-        opt = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum)
         gen = torch.Generator().manual_seed(
             self.cfg.seed * 1_000_003 + self.index * 10_007 + round_
         )
+        return self._train(self.model, self.cfg.local_epochs, gen)
+
+    def _train(self, model: MoEModel, epochs: int, gen: torch.Generator) -> float:
+        """`epochs` epochs of SGD on `model` with a fresh optimizer; the mean training loss."""
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum)
         total, batches = 0.0, 0
-        for _ in range(self.cfg.local_epochs):
+        for _ in range(epochs):
             order = torch.randperm(self.num_samples, generator=gen).to(self.device)
             for start in range(0, self.num_samples, self.cfg.batch_size):
                 idx = order[start : start + self.cfg.batch_size]
-                logits, balance = self.model(self.train_x[idx])
+                logits, balance = model(self.train_x[idx])
                 loss = F.cross_entropy(logits, self.train_y[idx]) + self.cfg.balance_coef * balance
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -71,16 +95,36 @@ class LocalTrainer:
 
     def evaluate(self, ds: ArrayDataset, batch: int = 512) -> float:
         with COMPUTE_LOCK:
-            return self._evaluate(ds, batch)
+            return self._evaluate(self.model, ds, batch)
+
+    def evaluate_round(self, round_: int) -> Scores:
+        """The round's scores of the personalised model: the model itself or, with
+        finetune_epochs E > 0 (FedAvg + fine-tuning), a copy of it fine-tuned E epochs on our
+        training split. The copy is then dropped: training goes on from the model itself."""
+        with COMPUTE_LOCK:
+            model = self.model
+            if self.cfg.finetune_epochs:
+                model = copy.deepcopy(self.model)
+                # Its own shuffling stream: the training rounds' stream stays as without it.
+                gen = torch.Generator().manual_seed(
+                    self.cfg.seed * 1_000_003 + self.index * 10_007 + round_ + (1 << 40)
+                )
+                self._train(model, self.cfg.finetune_epochs, gen)
+            val = self.data.val
+            return Scores(
+                accuracy=self._evaluate(model, self.data.local_test),
+                global_accuracy=self._evaluate(model, self.data.global_test),
+                val_accuracy=self._evaluate(model, val) if val is not None else None,
+            )
 
     @torch.no_grad()
-    def _evaluate(self, ds: ArrayDataset, batch: int = 512) -> float:
-        self.model.eval()
+    def _evaluate(self, model: MoEModel, ds: ArrayDataset, batch: int = 512) -> float:
+        model.eval()
         correct = 0
         for start in range(0, len(ds), batch):
             x = torch.from_numpy(ds.x[start : start + batch]).to(self.device)
             y = torch.from_numpy(ds.y[start : start + batch]).to(self.device)
-            logits, _ = self.model(x)
+            logits, _ = model(x)
             correct += int((logits.argmax(dim=-1) == y).sum())
         return correct / max(len(ds), 1)
 

@@ -56,7 +56,7 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "algorithm", "peers", "rounds", "seed", "dataset", "data_dir", "alpha", "embed_dim", "num_experts", "top_k", "expert_hidden", "balance_coef", "local_epochs", "batch_size", "lr", "momentum", "neighbors", "temperature", "sync_every", "intra_peer", "chunk_bytes", "expert_wire_dtype", "min_peers", "round_timeout", "peer_timeout", "clients_per_round", "aggregation", "trim_fraction", "clip_norm", "max_tensor_norm")
+    __slots__ = ("run_id", "algorithm", "peers", "rounds", "seed", "dataset", "data_dir", "alpha", "embed_dim", "num_experts", "top_k", "expert_hidden", "balance_coef", "local_epochs", "batch_size", "lr", "momentum", "neighbors", "temperature", "sync_every", "intra_peer", "chunk_bytes", "expert_wire_dtype", "min_peers", "round_timeout", "peer_timeout", "clients_per_round", "aggregation", "trim_fraction", "clip_norm", "max_tensor_norm", "val_fraction", "init", "finetune_epochs")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,9 @@ class RunConfig(_message.Message):
     TRIM_FRACTION_FIELD_NUMBER: _ClassVar[int]
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_NORM_FIELD_NUMBER: _ClassVar[int]
+    VAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     algorithm: Algorithm
     peers: int
@@ -119,7 +122,10 @@ class RunConfig(_message.Message):
     trim_fraction: float
     clip_norm: float
     max_tensor_norm: float
-    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., peers: _Optional[int] = ..., rounds: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., data_dir: _Optional[str] = ..., alpha: _Optional[float] = ..., embed_dim: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_hidden: _Optional[int] = ..., balance_coef: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., neighbors: _Optional[int] = ..., temperature: _Optional[float] = ..., sync_every: _Optional[int] = ..., intra_peer: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., expert_wire_dtype: _Optional[_Union[DType, str]] = ..., min_peers: _Optional[int] = ..., round_timeout: _Optional[float] = ..., peer_timeout: _Optional[float] = ..., clients_per_round: _Optional[int] = ..., aggregation: _Optional[str] = ..., trim_fraction: _Optional[float] = ..., clip_norm: _Optional[float] = ..., max_tensor_norm: _Optional[float] = ...) -> None: ...
+    val_fraction: float
+    init: str
+    finetune_epochs: int
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., peers: _Optional[int] = ..., rounds: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., data_dir: _Optional[str] = ..., alpha: _Optional[float] = ..., embed_dim: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_hidden: _Optional[int] = ..., balance_coef: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., neighbors: _Optional[int] = ..., temperature: _Optional[float] = ..., sync_every: _Optional[int] = ..., intra_peer: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., expert_wire_dtype: _Optional[_Union[DType, str]] = ..., min_peers: _Optional[int] = ..., round_timeout: _Optional[float] = ..., peer_timeout: _Optional[float] = ..., clients_per_round: _Optional[int] = ..., aggregation: _Optional[str] = ..., trim_fraction: _Optional[float] = ..., clip_norm: _Optional[float] = ..., max_tensor_norm: _Optional[float] = ..., val_fraction: _Optional[float] = ..., init: _Optional[str] = ..., finetune_epochs: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("index", "advertise", "member_secret", "any_index")
@@ -258,7 +264,7 @@ class ByteCounts(_message.Message):
     def __init__(self, coordinator_sent: _Optional[int] = ..., coordinator_received: _Optional[int] = ..., p2p_sent: _Optional[int] = ..., p2p_received: _Optional[int] = ...) -> None: ...
 
 class MetricsReport(_message.Message):
-    __slots__ = ("peer_id", "round", "accuracy", "loss", "global_accuracy", "bytes", "seconds", "train_seconds", "exchange_seconds", "experts_fetched", "num_samples", "wire_measured", "wire_sent", "wire_received", "wire_interfaces", "phase_seconds")
+    __slots__ = ("peer_id", "round", "accuracy", "loss", "global_accuracy", "bytes", "seconds", "train_seconds", "exchange_seconds", "experts_fetched", "num_samples", "wire_measured", "wire_sent", "wire_received", "wire_interfaces", "phase_seconds", "val_accuracy")
     class PhaseSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +288,7 @@ class MetricsReport(_message.Message):
     WIRE_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     WIRE_INTERFACES_FIELD_NUMBER: _ClassVar[int]
     PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     round: int
     accuracy: float
@@ -298,7 +305,8 @@ class MetricsReport(_message.Message):
     wire_received: int
     wire_interfaces: str
     phase_seconds: _containers.ScalarMap[str, float]
-    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., global_accuracy: _Optional[float] = ..., bytes: _Optional[_Union[ByteCounts, _Mapping]] = ..., seconds: _Optional[float] = ..., train_seconds: _Optional[float] = ..., exchange_seconds: _Optional[float] = ..., experts_fetched: _Optional[int] = ..., num_samples: _Optional[int] = ..., wire_measured: _Optional[bool] = ..., wire_sent: _Optional[int] = ..., wire_received: _Optional[int] = ..., wire_interfaces: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    val_accuracy: float
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., global_accuracy: _Optional[float] = ..., bytes: _Optional[_Union[ByteCounts, _Mapping]] = ..., seconds: _Optional[float] = ..., train_seconds: _Optional[float] = ..., exchange_seconds: _Optional[float] = ..., experts_fetched: _Optional[int] = ..., num_samples: _Optional[int] = ..., wire_measured: _Optional[bool] = ..., wire_sent: _Optional[int] = ..., wire_received: _Optional[int] = ..., wire_interfaces: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., val_accuracy: _Optional[float] = ...) -> None: ...
 
 class MetricsAck(_message.Message):
     __slots__ = ("round", "run_finished")
