@@ -295,21 +295,21 @@ def test_real_sweep_end_to_end(tmp_path, capsys):
     path.write_text(
         'base = "--dataset digits --peers 2 --rounds 1 --val-fraction 0.2"\n'
         "seeds = [0]\n"
-        '[algorithms]\nfedmoe-da = "--algorithm fedmoe-da"\nfedavg = "--algorithm fedavg"\n'
+        '[algorithms]\nfedmoe-da = "--algorithm fedmoe-da"\n'
         '[settings]\n"alpha=0.5" = "--alpha 0.5"\n'
         '[tune]\nlr = [0.05, 0.1]\nseeds = [0]\nsettings = ["alpha=0.5"]\n'
     )
     out = tmp_path / "out"
     assert main(["sweep", str(path), "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
-    assert set(data["selected_lr"]) == {"fedmoe-da", "fedavg"}
+    assert set(data["selected_lr"]) == {"fedmoe-da"}
     for algorithm, by_lr in data["tuning"]["val_accuracy"].items():
         best = max(by_lr, key=lambda lr: by_lr[lr])
         assert data["selected_lr"][algorithm] == float(best)
-    assert len(data["runs"]) == 2
+    assert len(data["runs"]) == 1
     for row in data["runs"]:
         assert 0.0 <= row["final_accuracy"] <= 1.0 and row["bytes_coordinator"] > 0
-    assert len(list((out / "runs").iterdir())) == 4  # final runs are tuning runs: not rerun
+    assert len(list((out / "runs").iterdir())) == 2  # the final run is a tuning run: not rerun
     capsys.readouterr()
     assert main(["sweep", str(path), "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("done before") == 4 + 2
+    assert capsys.readouterr().out.count("done before") == 2 + 1

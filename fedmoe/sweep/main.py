@@ -125,10 +125,11 @@ def sweep(
     exp: Experiment,
     out_dir: Path,
     launcher: Launcher = launch_local,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     check_flags: bool = True,
 ) -> Path:
     """Tune, run, write results.json, results.md and plots/ under out_dir; return results.md."""
+    out = out or sys.stdout
     root = out_dir / RUNS
     if check_flags:
         _check_all(exp)

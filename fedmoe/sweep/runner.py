@@ -74,10 +74,12 @@ def execute(
     runs: list[Run],
     root: Path,
     launcher: Launcher = launch_local,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     label: str = "",
 ) -> list[Outcome]:
-    """Run every run not yet completed under root (each distinct flag list once), in order."""
+    """Run every run not yet completed under root (each distinct flag list once), in order;
+    progress lines to out (default: sys.stdout as it is at the call)."""
+    out = out or sys.stdout
     unique: dict[str, Run] = {}
     for run in runs:
         unique.setdefault(run.key, run)
