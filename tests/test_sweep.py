@@ -172,6 +172,28 @@ def test_a_crashed_run_fails_the_sweep_and_only_it_reruns(tmp_path):
     assert record["exit_status"] == 0
 
 
+def test_a_run_without_its_rounds_is_not_complete(tmp_path):
+    """Seen for real: every peer dropped out, the coordinator wrote status "completed" with no
+    round done, then exited 1. Neither this sweep nor the next may take it as done."""
+    exp = experiment(tmp_path)
+    victim = exp.final_runs({"fedmoe-da": 0.01, "fedavg": 0.01})[-1]
+    launcher = FakeLauncher()
+
+    def empty_run(run: Run, run_dir: Path) -> int:
+        if run.name != victim.name:
+            return launcher(run, run_dir)
+        summary = {"status": "completed", "rounds": 2, "rounds_completed": 0}
+        (run_dir / "summary.json").write_text(json.dumps({**summary, "final_accuracy_mean": None}))
+        return 1
+
+    for _ in range(2):
+        with pytest.raises(SweepError, match="1 final run"):
+            sweep(exp, tmp_path / "out", empty_run, io.StringIO())
+    again = FakeLauncher()
+    run_sweep(tmp_path, again)
+    assert [r.name for r in again.calls] == [victim.name]
+
+
 def test_a_partial_run_is_cleared_and_rerun(tmp_path):
     run_sweep(tmp_path, FakeLauncher())
     victim = tmp_path / "out" / "runs" / results(tmp_path)["runs"][3]["run_dir"].split("/")[-1]

@@ -40,9 +40,19 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def completed_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The run's summary.json if the run completed, else None."""
+    """The run's summary.json if the run completed, else None. A summary alone is not enough:
+    a coordinator whose peers all dropped out writes status "completed" with no round done and
+    then exits non-zero, so the exit status the sweep recorded and the rounds count too."""
     summary = read_json(run_dir / "summary.json")
     if summary is None or summary.get("status", "completed") != "completed":
+        return None
+    record = read_json(run_dir / RUN_RECORD)
+    if record is not None and record.get("exit_status") != 0:
+        return None
+    rounds = summary.get("rounds")
+    if rounds is not None and summary.get("rounds_completed", rounds) != rounds:
+        return None
+    if summary.get("final_accuracy_mean") is None:
         return None
     return summary
 
