@@ -116,9 +116,9 @@ class MoEModel(nn.Module):
         torch.manual_seed(seed)
         try:
             self.gate.reset_parameters()
-            for expert in self.experts:
-                for layer in (expert.fc1, expert.fc2):
-                    layer.reset_parameters()
+            for module in self.experts.modules():
+                if isinstance(module, nn.Linear):
+                    module.reset_parameters()
         finally:
             torch.random.set_rng_state(gen_state)
 
