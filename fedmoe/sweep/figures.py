@@ -7,6 +7,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from matplotlib.ticker import MaxNLocator
+
 from fedmoe.plots import DPI, MB, Figure, run_colour
 from fedmoe.report import load_runs, round_series
 
@@ -55,6 +57,7 @@ def accuracy_figure(title: str, curves: dict[str, list[dict[str, float]]]) -> Fi
             )
         ax.set_title(name)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (mean over seeds, band: ± std)")
     axes[0].legend(fontsize="small")
