@@ -1,5 +1,5 @@
 """The `fedmoe` command: coordinator, peer, local (a whole run on this machine), status (of a
-live run), report."""
+live run), report, sweep (many local runs from an experiment file)."""
 
 from __future__ import annotations
 
@@ -364,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_status_args(s)
 
+    w = sub.add_parser(
+        "sweep",
+        help="an experiment file: lr tuned on validation accuracy, then every algorithm x "
+        "setting x seed (resumable), results.json, results.md and plots",
+    )
+    from fedmoe.sweep.main import add_sweep_args
+
+    add_sweep_args(w)
+
     r = sub.add_parser(
         "report",
         help="per-round table of run directories; --plot / --csv for figures and spreadsheets",
@@ -527,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_args(args)
             check_local_data(cfg)
             return _run_local_in_dir(args, cfg, run_local)
+        if args.command == "sweep":
+            from fedmoe.sweep.main import run_sweep
+
+            return run_sweep(args)
         if args.command == "status":
             from fedmoe.status import run_status
 
