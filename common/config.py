@@ -322,8 +322,10 @@ OPTIONS: tuple[Option, ...] = (
         "init",
         "--init",
         str,
-        "shared",
-        "gate and experts: same initialisation on every peer, or seeded per peer",
+        "per-peer",
+        "the personal parts (fedmoe-da: gate and experts; moe-fedavg: gate) start from a seed of "
+        "each peer's own (per-peer), or from the run seed like the embedding (shared); fedavg "
+        "and local always start shared (docs/FIRST_SYNC.md)",
         choices=INITS,
     ),
     Option(

@@ -110,13 +110,13 @@ class MoEModel(nn.Module):
         balance = self.num_experts * (routed * probs.mean(dim=0)).sum()
         return out, balance
 
-    def reset_personal(self, seed: int) -> None:
-        """Draw the gate and the experts again from `seed` (the embedding is left as it is)."""
+    def reset_personal(self, seed: int, experts: bool = True) -> None:
+        """Draw the gate (and the experts) again from `seed` (the embedding is left as it is)."""
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
             self.gate.reset_parameters()
-            for module in self.experts.modules():
+            for module in self.experts.modules() if experts else ():
                 if isinstance(module, nn.Linear):
                     module.reset_parameters()
         finally:

@@ -36,8 +36,11 @@ def build_model(cfg: pb.RunConfig, data: PeerData, index: int = 0) -> MoEModel:
         top_k=cfg.top_k,
         expert_hidden=cfg.expert_hidden,
     )
-    if cfg.init == "per-peer":  # experts that start apart (the embedding is averaged: shared)
-        model.reset_personal(personal_seed(cfg.seed, index))
+    # Only parts the algorithm never averages may start apart (the embedding is always averaged).
+    # A shared start of fedmoe-da's experts makes every first-sync plan average each expert
+    # with its namesakes on the other peers, blind to their domains (docs/FIRST_SYNC.md).
+    if cfg.init == "per-peer" and cfg.algorithm in (pb.FEDMOE_DA, pb.MOE_FEDAVG):
+        model.reset_personal(personal_seed(cfg.seed, index), experts=cfg.algorithm == pb.FEDMOE_DA)
     return model
 
 

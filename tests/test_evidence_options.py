@@ -93,7 +93,7 @@ def test_bad_values_are_refused(overrides: dict, message: str) -> None:
 
 def test_defaults() -> None:
     cfg = make_config()
-    assert (cfg.val_fraction, cfg.init, cfg.finetune_epochs) == (0.1, "shared", 0)
+    assert (cfg.val_fraction, cfg.init, cfg.finetune_epochs) == (0.1, "per-peer", 0)
     assert make_config(algorithm="fedavg", finetune_epochs=3).finetune_epochs == 3
 
 
