@@ -153,7 +153,8 @@ def test_huge_requester_ids_do_not_flood_the_log(tmp_path: Path) -> None:
         # Memory is flat: 100 MB more of names after the first 100 MB leave no trace.
         c.wait_for_log("peer-0", "model ready")
         first = flood(25)
-        assert flood(25) - first < 15
+        # Kept names would add >= 100 MB; allocator noise under load reached 15.3 MB once.
+        assert flood(25) - first < 40
         # Names that fit the limit (60 KB) reach the store: the one refusal, nothing echoed.
         long_name = "B" * (60 << 10)
         for round_ in range(25):
