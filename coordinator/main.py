@@ -246,6 +246,10 @@ def run_coordinator(
     if board is not None:
         board.close()
     totals = counter.totals()
+    if not book.failure and not any(r["round"] == cfg.rounds for r in results.records):
+        # Every round was written, but the last with no report: every peer was left out (silent
+        # past --peer-timeout, e.g. on a machine too loaded to load its data in time).
+        book.failure = f"no peer reported the last round ({cfg.rounds}); see events"
     summary = results.write_summary(
         {
             "status": "failed" if book.failure else "completed",
