@@ -82,6 +82,7 @@ class VirtualPeer:
     rounds: dict[int, dict[str, float]] = field(default_factory=dict)
     heartbeats_ms: list[float] = field(default_factory=list)
     heartbeat_errors: int = 0
+    heartbeat_error_codes: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
     async def run(self) -> None:
@@ -174,8 +175,10 @@ class VirtualPeer:
                     timeout=max(5.0, 2 * interval),
                 )
                 self.heartbeats_ms.append(1000 * (time.perf_counter() - started))
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as e:
                 self.heartbeat_errors += 1
+                code = e.code().name
+                self.heartbeat_error_codes[code] = self.heartbeat_error_codes.get(code, 0) + 1
             # A fixed cadence, as a peer's heartbeat thread keeps: the next beat is due one
             # interval after this one started.
             delay = max(0.0, interval - (time.perf_counter() - started))
@@ -188,6 +191,7 @@ class VirtualPeer:
             "rounds": self.rounds,
             "heartbeats_ms": [round(x, 3) for x in self.heartbeats_ms],
             "heartbeat_errors": self.heartbeat_errors,
+            "heartbeat_error_codes": self.heartbeat_error_codes,
             "error": self.error,
         }
 
@@ -515,6 +519,7 @@ def summarize(
         "heartbeat_p99_ms": percentile(beats, 99),
         "heartbeat_max_ms": round(max(beats), 3) if beats else None,
         "heartbeat_errors": sum(r["heartbeat_errors"] for r in results),
+        "heartbeat_error_codes": _sum_counts(r["heartbeat_error_codes"] for r in results),
         "round_close_seconds": max((c["close_seconds"] for c in close), default=None),
         "round_close_from_last_upload_seconds": max(
             (c["from_last_upload_seconds"] for c in close), default=None
@@ -537,6 +542,14 @@ def summarize(
         ),
         "out": str(out),
     }
+
+
+def _sum_counts(counts: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def main() -> None:
