@@ -337,6 +337,16 @@ OPTIONS: tuple[Option, ...] = (
         _between(0, MAX_FINETUNE_EPOCHS),
         f"must be in [0, {MAX_FINETUNE_EPOCHS}]",
     ),
+    Option(
+        "min_term_weight",
+        "--min-term-weight",
+        float,
+        0.0,
+        "fedmoe-da: drop plan terms weighing less than this and renormalise the row, so that "
+        "nothing is fetched for them (0 = Eq. 10 as is; an expert's own term is always kept)",
+        _between(0.0, 0.5),
+        "must be in [0, 0.5]",
+    ),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 DEFAULTS: dict[str, Any] = {o.key: o.default for o in OPTIONS}

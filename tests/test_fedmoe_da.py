@@ -89,3 +89,32 @@ def test_non_sync_round_averages_embedding_only() -> None:
     updates = [PeerUpdate("peer-0", 1, {"embedding.w": np.ones(2)})]
     out = FedMoEDA(neighbors=1, temperature=0.5, sync_every=2).aggregate(1, updates)
     assert not out.sync and out.plans == {}
+
+
+def test_min_term_weight_drops_light_terms_and_renormalises() -> None:
+    """--min-term-weight: terms below the floor are left out of the plan (so never fetched) and
+    the row sums to 1 again; 0 is Eq. 10 as is; the expert's own term always stays."""
+    updates = [
+        PeerUpdate("peer-0", 10, {"gate.proxies": PROXIES[:2].T, "embedding.w": np.ones(2)}),
+        PeerUpdate("peer-1", 30, {"gate.proxies": PROXIES[2:].T, "embedding.w": np.zeros(2)}),
+    ]
+    full = FedMoEDA(neighbors=1, temperature=0.5, sync_every=1).aggregate(1, updates)
+    row = full.plans["peer-0"][1]  # weights of (peer-0, 0), (peer-0, 1), (peer-1, 0)
+    w = [t.weight for t in row]
+    assert w[0] == w[2] < w[1]
+    floor = (w[0] + w[1]) / 2  # between the light pair and the own term
+    light = FedMoEDA(neighbors=1, temperature=0.5, sync_every=1, min_term_weight=floor)
+    cut = light.aggregate(1, updates)
+    assert [(t.peer_id, t.expert, t.weight) for t in cut.plans["peer-0"][1]] == [
+        ("peer-0", 1, 1.0)
+    ]
+    for rows in cut.plans.values():
+        for terms in rows.values():
+            assert math.isclose(sum(t.weight for t in terms), 1.0)
+    # Nothing light left to fetch: peer-1's expert 0 is no longer ordered for peer-0's row 1.
+    assert ("peer-1", 0) not in {(t.peer_id, t.expert) for t in cut.plans["peer-0"][1]}
+    # A floor above every foreign weight but not the own one keeps exactly the own terms.
+    own_only = FedMoEDA(neighbors=1, temperature=0.5, sync_every=1, min_term_weight=0.5)
+    for peer, rows in own_only.aggregate(1, updates).plans.items():
+        for m, terms in rows.items():
+            assert all(t.weight >= 0.5 or (t.peer_id, t.expert) == (peer, m) for t in terms)

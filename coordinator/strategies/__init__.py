@@ -13,7 +13,14 @@ from fedmoe.coordinator.strategies.robust import RobustCombine
 def make_strategy(cfg: pb.RunConfig) -> Strategy:
     combine = RobustCombine(cfg.aggregation or "mean", cfg.trim_fraction, cfg.clip_norm)
     if cfg.algorithm == pb.FEDMOE_DA:
-        return FedMoEDA(cfg.neighbors, cfg.temperature, cfg.sync_every, cfg.intra_peer, combine)
+        return FedMoEDA(
+            cfg.neighbors,
+            cfg.temperature,
+            cfg.sync_every,
+            cfg.intra_peer,
+            combine,
+            min_term_weight=cfg.min_term_weight,
+        )
     if cfg.algorithm == pb.FEDAVG:
         return FedAvg(combine)
     if cfg.algorithm == pb.MOE_FEDAVG:

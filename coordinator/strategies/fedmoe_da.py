@@ -317,6 +317,14 @@ def plan_blockwise(
     )
 
 
+def drop_light_terms(terms: list[Term], peer_id: str, expert: int, floor: float) -> list[Term]:
+    """The row without terms weighing less than `floor`, renormalised to sum to 1; the expert's
+    own term is always kept (it is the row's largest: cosine 1 with itself)."""
+    kept = [t for t in terms if t.weight >= floor or (t.peer_id == peer_id and t.expert == expert)]
+    total = sum(t.weight for t in kept)
+    return [Term(t.peer_id, t.expert, t.weight / total) for t in kept]
+
+
 class FedMoEDA:
     def __init__(
         self,
@@ -325,8 +333,12 @@ class FedMoEDA:
         sync_every: int,
         intra_peer: bool = True,
         combine: Combine = weighted_average,
+        min_term_weight: float = 0.0,
     ) -> None:
         self.combine = combine  # the embedding's aggregate (mean, or a robust rule)
+        # Terms below this weight cost a whole expert's transfer for a negligible change: with
+        # per-peer starts foreign terms weigh ~e^-10 at tau = 0.1 (docs/FIRST_SYNC.md).
+        self.min_term_weight = min_term_weight
         self.neighbors = neighbors
         self.temperature = temperature
         self.sync_every = sync_every
@@ -356,5 +368,7 @@ class FedMoEDA:
                     Term(peer_ids[source_peer[t]], source_expert[t], weights[t])
                     for t in range(bounds[k], bounds[k + 1])
                 ]
+                if self.min_term_weight > 0:
+                    rows[m] = drop_light_terms(rows[m], update.peer_id, m, self.min_term_weight)
             outcome.plans[update.peer_id] = rows
         return outcome
