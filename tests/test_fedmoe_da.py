@@ -105,9 +105,7 @@ def test_min_term_weight_drops_light_terms_and_renormalises() -> None:
     floor = (w[0] + w[1]) / 2  # between the light pair and the own term
     light = FedMoEDA(neighbors=1, temperature=0.5, sync_every=1, min_term_weight=floor)
     cut = light.aggregate(1, updates)
-    assert [(t.peer_id, t.expert, t.weight) for t in cut.plans["peer-0"][1]] == [
-        ("peer-0", 1, 1.0)
-    ]
+    assert [(t.peer_id, t.expert, t.weight) for t in cut.plans["peer-0"][1]] == [("peer-0", 1, 1.0)]
     for rows in cut.plans.values():
         for terms in rows.values():
             assert math.isclose(sum(t.weight for t in terms), 1.0)
