@@ -45,7 +45,10 @@ def model_schema(cfg: pb.RunConfig) -> dict[str, Shape]:
         from fedmoe.common.config import config_to_dict
         from fedmoe.common.model_plugin import plugin_embedding_schema
 
-        schema = plugin_embedding_schema(cfg.model, input_shape, d, config_to_dict(cfg))
+        # Without the weights file: shapes do not depend on it, and a coordinator on another
+        # machine need not hold the peers' file.
+        config = {**config_to_dict(cfg), "model_weights": ""}
+        schema = plugin_embedding_schema(cfg.model, input_shape, d, config)
     else:
         schema = embedding_schema(input_shape, d)
     schema["gate.proxies"] = (d, m)

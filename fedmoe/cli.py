@@ -257,11 +257,13 @@ def config_from_args(args: argparse.Namespace):  # -> pb.RunConfig
     return make_config(**absolute_paths(values))
 
 
-def check_plugins(cfg) -> None:  # type: ignore[no-untyped-def]
+def check_plugins(cfg, with_weights: bool = False) -> None:  # type: ignore[no-untyped-def]
     """Import and try the --model / --dataset plug-ins here, before any process starts: the
     coordinator needs them for its tensor schema, so a spec that cannot be imported or gives
-    the wrong shapes is refused now, with its message, rather than in every peer."""
-    from fedmoe.common.data import DATASET_SPECS, DataError
+    the wrong shapes is refused now, with its message, rather than in every peer.
+    `with_weights` (`fedmoe local`: the peers run here) also loads --model-weights."""
+    from fedmoe.common.config import config_to_dict
+    from fedmoe.common.data import DATASET_SPECS, DataError, dataset_spec
     from fedmoe.common.model_schema import model_schema
     from fedmoe.common.plugins import PluginError
 
@@ -269,6 +271,11 @@ def check_plugins(cfg) -> None:  # type: ignore[no-untyped-def]
         return  # nothing of the user's to import
     try:
         model_schema(cfg)
+        if with_weights and cfg.model_weights:
+            from fedmoe.common.model_plugin import build_plugin_embedding
+
+            shape, _ = dataset_spec(cfg.dataset, cfg.data_dir or None, cfg.seed)
+            build_plugin_embedding(cfg.model, shape, cfg.embed_dim, config_to_dict(cfg))
     except (PluginError, DataError) as e:
         raise ConfigError(str(e)) from e
 

@@ -166,7 +166,7 @@ def start(args: argparse.Namespace, cfg: pb.RunConfig) -> int:
     then run in --out or a fresh run directory."""
     from fedmoe.cli import _run_local_in_dir, check_local_data, check_plugins
 
-    check_plugins(cfg)
+    check_plugins(cfg, with_weights=True)
     check_local_data(cfg)
     return _run_local_in_dir(args, cfg, run_local)
 

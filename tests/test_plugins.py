@@ -315,3 +315,21 @@ def test_resnet18_example_loads_local_weights(
     monkeypatch.delenv("FEDMOE_RESNET18_WEIGHTS")
     gray = build_plugin_embedding(spec, (1, 28, 28), 8, {})  # Fashion-MNIST's one channel
     assert gray(torch.zeros(2, 1, 28, 28)).shape == (2, 8)
+
+
+def test_coordinator_schema_needs_no_weights_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator builds the network only for its shapes: without the peers' file. The
+    launcher of `fedmoe local`, whose peers run here, loads it and refuses a missing one."""
+    monkeypatch.syspath_prepend(str(PLUGINS.parents[1] / "examples"))
+    monkeypatch.delenv("FEDMOE_RESNET18_WEIGHTS", raising=False)
+    cfg = make_config(
+        dataset="cifar10",
+        model="resnet18_embedding:make_embedding",
+        model_weights="/nonexistent/resnet18.pth",
+        embed_dim=32,
+    )
+    assert model_schema(cfg)["embedding.fc.weight"] == (32, 512)
+    assert "embedding.bn1.num_batches_tracked" not in model_schema(cfg)
+    cli.check_plugins(cfg)  # as `fedmoe coordinator` does
+    with pytest.raises(ConfigError, match="resnet18_embedding:make_embedding raised .*nonexistent"):
+        cli.check_plugins(cfg, with_weights=True)
