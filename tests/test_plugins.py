@@ -333,3 +333,38 @@ def test_coordinator_schema_needs_no_weights_file(monkeypatch: pytest.MonkeyPatc
     cli.check_plugins(cfg)  # as `fedmoe coordinator` does
     with pytest.raises(ConfigError, match="resnet18_embedding:make_embedding raised .*nonexistent"):
         cli.check_plugins(cfg, with_weights=True)
+
+
+def test_peer_that_cannot_import_the_model_exits_with_the_reason(tmp_path: Path) -> None:
+    """A coordinator that has the plug-in, a peer (on another machine, say) that has not: the
+    peer stops right after joining, naming the spec, the module and PYTHONPATH."""
+    from tests.cluster import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    token = tmp_path / "token"
+    token.write_text("t" * 32 + "\n")
+    token.chmod(0o600)
+    coordinator = subprocess.Popen(
+        [*FEDMOE, "coordinator", "--listen", address, "--token-file", str(token)]
+        + ["--out", str(tmp_path / "run"), "--peers", "1", "--dataset", "synthetic"]
+        + ["--model", "plugin_examples:tiny_embedding", "--embed-dim", "8"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(PYTHONPATH=str(PLUGINS)),
+    )
+    try:
+        peer = subprocess.run(
+            [*FEDMOE, "peer", "--coordinator", address, "--index", "0"]
+            + ["--token-file", str(token), "--timeout", "60"],
+            capture_output=True,
+            text=True,
+            timeout=200,
+            env=_env(),
+            cwd=tmp_path,
+        )
+    finally:
+        coordinator.terminate()
+        coordinator.wait(timeout=30)
+    assert peer.returncode != 0
+    assert "peer 0: --model plugin_examples:tiny_embedding: cannot import module" in peer.stderr
+    assert "PYTHONPATH" in peer.stderr
