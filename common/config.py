@@ -15,6 +15,7 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 
+from fedmoe.common.plugins import SPEC_FORM, is_plugin_spec
 from fedmoe.common.proto import pb
 
 ALGORITHMS: dict[str, int] = {
@@ -30,10 +31,8 @@ INITS = ("shared", "per-peer")
 MAX_FINETUNE_EPOCHS = 100
 
 
-def _datasets() -> tuple[str, ...]:
-    from fedmoe.common.data import DATASETS  # late: keeps this module light for the wire layer
-
-    return tuple(DATASETS)
+# The built-in data sets by name (common/data.py DATASETS; a test checks the two agree).
+DATASET_NAMES = ("digits", "cifar10", "synthetic", "cifar100", "fashion-mnist", "svhn")
 
 
 Check = Callable[[Any, pb.RunConfig], bool]
@@ -113,7 +112,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("rounds", "--rounds", int, 10, "training rounds R", _at_least(1), "must be at least 1"),
     Option("seed", "--seed", int, 0, "seed of the data split and the model initialisation"),
     # data
-    Option("dataset", "--dataset", str, "digits", "dataset", choices=_datasets),
+    Option(
+        "dataset",
+        "--dataset",
+        str,
+        "digits",
+        "dataset: a built-in name, or a loader plug-in MODULE:FUNCTION (docs/PLUGINS.md)",
+        lambda v, _: v in DATASET_NAMES or is_plugin_spec(v),
+        "must be one of " + ", ".join(DATASET_NAMES) + f", or {SPEC_FORM}",
+    ),
     Option("data_dir", "--data-dir", str, "", "dataset root (cifar10: holds cifar-10-batches-py/)"),
     Option(
         "alpha",
@@ -346,6 +353,27 @@ OPTIONS: tuple[Option, ...] = (
         "nothing is fetched for them (0 = Eq. 10 as is; an expert's own term is always kept)",
         _between(0.0, 0.5),
         "must be in [0, 0.5]",
+    ),
+    # plug-ins (issue #14; docs/PLUGINS.md)
+    Option(
+        "model",
+        "--model",
+        str,
+        "",
+        "embedding network plug-in MODULE:FUNCTION (default: the built-in CNN/MLP); every "
+        "process must be able to import it",
+        lambda v, _: v == "" or is_plugin_spec(v),
+        f"must be {SPEC_FORM}",
+    ),
+    Option(
+        "model_weights",
+        "--model-weights",
+        str,
+        "",
+        "local file of pre-trained weights handed to the --model factory (config key "
+        "model_weights; never downloaded)",
+        lambda v, cfg: v == "" or cfg.model != "",
+        "needs --model (the built-in networks load no weights)",
     ),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}

@@ -7,7 +7,6 @@ partition without exchanging any data; each then keeps only its own rows.
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import threading
 import urllib.request
@@ -17,13 +16,33 @@ from typing import Any
 
 import numpy as np
 
-DATASETS = ("digits", "cifar10", "synthetic")
+from fedmoe.common.data_plugin import LoaderError, declared_spec, load_plugin_arrays
+from fedmoe.common.plugins import PluginError, is_plugin_spec
+from fedmoe.common.safe_pickle import load_restricted
+from fedmoe.common.vision_data import (
+    VisionDataError,
+    load_cifar100,
+    load_fashion_mnist,
+    load_svhn,
+)
+
+DATASETS = ("digits", "cifar10", "synthetic", "cifar100", "fashion-mnist", "svhn")
 # Shape of one sample and number of classes, known without loading anything (the coordinator
-# derives the model's tensor schema from these).
+# derives the model's tensor schema from these). A plug-in (--dataset MODULE:FUNCTION) is not
+# here: dataset_spec() asks it.
 DATASET_SPECS: dict[str, tuple[tuple[int, ...], int]] = {
     "digits": ((64,), 10),
     "cifar10": ((3, 32, 32), 10),
     "synthetic": ((32,), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "fashion-mnist": ((1, 28, 28), 10),
+    "svhn": ((3, 32, 32), 10),
+}
+# Read by common/vision_data.py from torchvision's on-disk layouts (never downloaded).
+_VISION_LOADERS = {
+    "cifar100": load_cifar100,
+    "fashion-mnist": load_fashion_mnist,
+    "svhn": load_svhn,
 }
 
 # The synthetic task (class means) must be identical for every run, so it has its own constant seed.
@@ -159,8 +178,7 @@ def _get(batch: dict[Any, Any], key: str) -> Any:
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate one CIFAR-10 python batch; returns (uint8 data n x 3072, int64 labels)."""
     try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")  # CIFAR-10 on-disk format, local file only
+        batch = load_restricted(path)  # numpy arrays, lists and bytes only: no code runs
     except FileNotFoundError:
         raise DataError(f"CIFAR-10 batch {path} does not exist; {_CIFAR_LAYOUT}") from None
     except Exception as exc:  # truncated or non-pickle files raise many different types
@@ -266,7 +284,40 @@ def load_dataset(name: str, data_dir: str | None, seed: int) -> tuple[ArrayDatas
         return _load_digits()
     if name == "cifar10":
         return _load_cifar10(data_dir)
-    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name in _VISION_LOADERS:
+        if data_dir is None:
+            raise DataError(f"--data-dir is required for {name}")
+        try:
+            (x_tr, y_tr), (x_te, y_te) = _VISION_LOADERS[name](Path(data_dir))
+        except (VisionDataError, OSError, EOFError) as exc:
+            raise DataError(f"{name}: {exc}") from exc
+        classes = DATASET_SPECS[name][1]
+        return _make(x_tr, y_tr, classes), _make(x_te, y_te, classes)
+    if is_plugin_spec(name):
+        try:
+            (x_tr, y_tr), (x_te, y_te), classes = load_plugin_arrays(name, data_dir, seed)
+        except (LoaderError, PluginError) as exc:
+            raise DataError(str(exc)) from exc
+        return _make(x_tr, y_tr, classes), _make(x_te, y_te, classes)
+    raise DataError(
+        f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, or a plug-in "
+        "MODULE:FUNCTION"
+    )
+
+
+def dataset_spec(name: str, data_dir: str | None, seed: int) -> tuple[tuple[int, ...], int]:
+    """(shape of one sample, number of classes) of a data set: a built-in's from DATASET_SPECS;
+    a plug-in's from its declared attributes, else by loading it (cached per process)."""
+    if name in DATASET_SPECS:
+        return DATASET_SPECS[name]
+    try:
+        declared = declared_spec(name) if is_plugin_spec(name) else None
+    except (LoaderError, PluginError) as exc:
+        raise DataError(str(exc)) from exc
+    if declared is not None:
+        return declared
+    train, _ = load_dataset(name, data_dir, seed)  # not kept: only its shapes are needed
+    return train.input_shape, train.num_classes
 
 
 # --------------------------------------------------------------------------- partitioning

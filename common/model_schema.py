@@ -1,4 +1,5 @@
-"""The model's parameter names and shapes, computed from the run config without torch.
+"""The model's parameter names and shapes, computed from the run config without torch (but for
+a --model plug-in, whose network is built once to read them off).
 
 The coordinator checks every upload against this schema, so it must mirror peer/model.py exactly;
 tests/test_model_schema.py builds the torch model and compares, so the two cannot drift apart.
@@ -6,7 +7,7 @@ tests/test_model_schema.py builds the torch model and compares, so the two canno
 
 from __future__ import annotations
 
-from fedmoe.common.data import DATASET_SPECS
+from fedmoe.common.data import DATASET_SPECS, dataset_spec
 from fedmoe.common.proto import pb
 
 Shape = tuple[int, ...]
@@ -35,9 +36,21 @@ def embedding_schema(input_shape: Shape, d: int) -> dict[str, Shape]:
 
 
 def model_schema(cfg: pb.RunConfig) -> dict[str, Shape]:
-    input_shape, classes = DATASET_SPECS[cfg.dataset]
+    if cfg.dataset in DATASET_SPECS:
+        input_shape, classes = DATASET_SPECS[cfg.dataset]
+    else:  # a data set plug-in: its declared shapes, or a load of it
+        input_shape, classes = dataset_spec(cfg.dataset, cfg.data_dir or None, cfg.seed)
     d, m, hidden = cfg.embed_dim, cfg.num_experts, cfg.expert_hidden
-    schema = embedding_schema(input_shape, d)
+    if cfg.model:  # the user's network: built once here (torch) to learn its tensors
+        from fedmoe.common.config import config_to_dict
+        from fedmoe.common.model_plugin import plugin_embedding_schema
+
+        # Without the weights file: shapes do not depend on it, and a coordinator on another
+        # machine need not hold the peers' file.
+        config = {**config_to_dict(cfg), "model_weights": ""}
+        schema = plugin_embedding_schema(cfg.model, input_shape, d, config)
+    else:
+        schema = embedding_schema(input_shape, d)
     schema["gate.proxies"] = (d, m)
     for e in range(m):
         schema[f"experts.{e}.fc1.weight"] = (hidden, d)

@@ -43,7 +43,14 @@ from fedmoe.coordinator.strategies import PeerUpdate, RoundOutcome, Strategy, Te
 
 # Upper bounds of a peer's training rows per built-in data set (all the set's rows; CIFAR-10's
 # full training set). A claimed sample count above it is a lie that would buy FedAvg weight.
-MAX_TRAIN_SAMPLES = {"digits": 1797, "synthetic": 2000, "cifar10": 50_000}
+MAX_TRAIN_SAMPLES = {
+    "digits": 1797,
+    "synthetic": 2000,
+    "cifar10": 50_000,
+    "cifar100": 50_000,
+    "fashion-mnist": 60_000,
+    "svhn": 73_257,
+}
 # `fedmoe status` names at most this many alive and missing peers each (counts are exact).
 MAX_STATUS_IDS = 32
 

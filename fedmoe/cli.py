@@ -242,12 +242,42 @@ def resolve_auto_index(args: argparse.Namespace) -> bool:
     return False
 
 
+# Run options naming local paths: made absolute where the command runs, since the processes
+# it starts (and a config.json read later) must not depend on the working directory.
+PATH_OPTIONS = ("data_dir", "model_weights")
+
+
+def absolute_paths(values: dict) -> dict:  # type: ignore[type-arg]
+    return {k: str(Path(v).resolve()) if k in PATH_OPTIONS and v else v for k, v in values.items()}
+
+
 def config_from_args(args: argparse.Namespace):  # -> pb.RunConfig
     """The RunConfig of the run flags given (add_run_args); ConfigError if it cannot run."""
     values = {option.key: getattr(args, option.key) for option in OPTIONS}
-    if values["data_dir"]:
-        values["data_dir"] = str(Path(values["data_dir"]).resolve())
-    return make_config(**values)
+    return make_config(**absolute_paths(values))
+
+
+def check_plugins(cfg, with_weights: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """Import and try the --model / --dataset plug-ins here, before any process starts: the
+    coordinator needs them for its tensor schema, so a spec that cannot be imported or gives
+    the wrong shapes is refused now, with its message, rather than in every peer.
+    `with_weights` (`fedmoe local`: the peers run here) also loads --model-weights."""
+    from fedmoe.common.config import config_to_dict
+    from fedmoe.common.data import DATASET_SPECS, DataError, dataset_spec
+    from fedmoe.common.model_schema import model_schema
+    from fedmoe.common.plugins import PluginError
+
+    if not cfg.model and cfg.dataset in DATASET_SPECS:
+        return  # nothing of the user's to import
+    try:
+        model_schema(cfg)
+        if with_weights and cfg.model_weights:
+            from fedmoe.common.model_plugin import build_plugin_embedding
+
+            shape, _ = dataset_spec(cfg.dataset, cfg.data_dir or None, cfg.seed)
+            build_plugin_embedding(cfg.model, shape, cfg.embed_dim, config_to_dict(cfg))
+    except (PluginError, DataError) as e:
+        raise ConfigError(str(e)) from e
 
 
 def check_local_data(cfg) -> None:  # type: ignore[no-untyped-def]
@@ -489,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.out is None:
                 raise ConfigError("coordinator: --out DIR is required (or `out` in --config)")
 
+            cfg = config_from_args(args)
+            check_plugins(cfg)
             return run_coordinator(
-                config_from_args(args),
+                cfg,
                 args.listen,
                 args.out,
                 args.token_file,
@@ -530,12 +562,9 @@ def main(argv: list[str] | None = None) -> int:
                 auto=auto,
             )
         if args.command == "local":
-            from fedmoe.local import run_local
+            from fedmoe.local import start
 
-            # Refuse a bad configuration, or data that cannot be split, before starting anything.
-            cfg = config_from_args(args)
-            check_local_data(cfg)
-            return _run_local_in_dir(args, cfg, run_local)
+            return start(args, config_from_args(args))
         if args.command == "sweep":
             from fedmoe.sweep.main import run_sweep
 

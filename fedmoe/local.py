@@ -24,6 +24,7 @@ from fedmoe.cli import security_argv
 from fedmoe.common.atomic import atomic_write_json
 from fedmoe.common.auth import new_token_file
 from fedmoe.common.config import config_to_argv
+from fedmoe.common.plugins import import_roots
 from fedmoe.common.proto import pb
 from fedmoe.progress import PlainProgress, Progress, choose_progress
 from fedmoe.report import print_report
@@ -159,6 +160,17 @@ def _stop(procs: list[subprocess.Popen[Any]], grace: float) -> None:
             p.wait()
 
 
+def start(args: argparse.Namespace, cfg: pb.RunConfig) -> int:
+    """`fedmoe local` once its flags are parsed, and fedmoe.run_local (fedmoe/api.py): refuse
+    plug-ins that fail, or data that cannot be split, before starting anything (ConfigError),
+    then run in --out or a fresh run directory."""
+    from fedmoe.cli import _run_local_in_dir, check_local_data, check_plugins
+
+    check_plugins(cfg, with_weights=True)
+    check_local_data(cfg)
+    return _run_local_in_dir(args, cfg, run_local)
+
+
 def run_local(args: argparse.Namespace, cfg: pb.RunConfig) -> int:
     """Run `cfg` (already checked: fedmoe/cli.py) with the launcher options of `args`."""
     out: Path = args.out
@@ -171,6 +183,10 @@ def run_local(args: argparse.Namespace, cfg: pb.RunConfig) -> int:
         return 2
     py = [sys.executable, "-m", "fedmoe.cli"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Plug-ins this process imported (start() checked them) are importable by its children.
+    roots = import_roots([cfg.model, cfg.dataset])
+    if roots:
+        env["PYTHONPATH"] = os.pathsep.join([*roots, *filter(None, [env.get("PYTHONPATH")])])
     # The cores are shared by the peer processes; the peers of one process take turns.
     threads = max(1, (os.cpu_count() or 1) // len(hosts))
 

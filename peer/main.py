@@ -25,6 +25,7 @@ from fedmoe.common.config import is_sync_round
 from fedmoe.common.data import DataError, clear_dataset_cache, load_peer_data
 from fedmoe.common.grpc_options import SERVER_OPTIONS
 from fedmoe.common.netaddr import is_loopback_listen, split_host_port
+from fedmoe.common.plugins import PluginError, load_plugin
 from fedmoe.common.proto import pb
 from fedmoe.common.reflection import REFLECTION_SERVICES, TokenGate, enable_reflection
 from fedmoe.common.telemetry import (
@@ -166,6 +167,8 @@ class _Host:
                 reply.start_round,
                 self.advertise,
             )
+            if cfg.model:  # a model plug-in this machine cannot import: say so before the data
+                load_plugin(cfg.model, "--model")
             try:
                 data = load_peer_data(
                     cfg.dataset,
@@ -211,7 +214,7 @@ class _Host:
             runner.run(reply.start_round)
         except grpc.RpcError as e:
             raise SystemExit(f"{name}: {e.code().name}: {e.details()}") from e
-        except (DataError, BadAggregate) as e:
+        except (DataError, BadAggregate, PluginError) as e:  # PluginError: --model
             raise SystemExit(f"{name}: {e}") from e
         finally:
             if data_pending:

@@ -77,13 +77,16 @@ class MoEModel(nn.Module):
         num_experts: int = 8,
         top_k: int = 2,
         expert_hidden: int = 256,
+        embedding: nn.Module | None = None,  # a --model plug-in's network (default: built in)
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError("top_k must be between 1 and num_experts")
         self.num_experts = num_experts
         self.top_k = top_k
-        self.embedding = make_embedding(input_shape, embed_dim)
+        self.embedding = (
+            embedding if embedding is not None else make_embedding(input_shape, embed_dim)
+        )
         self.gate = Gate(embed_dim, num_experts)
         self.experts = nn.ModuleList(
             Expert(embed_dim, expert_hidden, num_classes) for _ in range(num_experts)

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedmoe.common.config import config_to_dict
 from fedmoe.common.data import ArrayDataset, PeerData
+from fedmoe.common.model_plugin import build_plugin_embedding
 from fedmoe.common.proto import pb
 from fedmoe.peer.model import MoEModel
 
@@ -28,6 +30,11 @@ def personal_seed(seed: int, index: int) -> int:
 def build_model(cfg: pb.RunConfig, data: PeerData, index: int = 0) -> MoEModel:
     # Same seed on every peer: all start from the same embedding, as FedAvg assumes.
     torch.manual_seed(cfg.seed)
+    embedding = None
+    if cfg.model:  # the user's network, drawn from the same seed on every peer
+        embedding = build_plugin_embedding(
+            cfg.model, data.train.input_shape, cfg.embed_dim, config_to_dict(cfg)
+        )
     model = MoEModel(
         data.train.input_shape,
         data.train.num_classes,
@@ -35,6 +42,7 @@ def build_model(cfg: pb.RunConfig, data: PeerData, index: int = 0) -> MoEModel:
         num_experts=cfg.num_experts,
         top_k=cfg.top_k,
         expert_hidden=cfg.expert_hidden,
+        embedding=embedding,
     )
     # Only parts the algorithm never averages may start apart (the embedding is always averaged).
     # A shared start of fedmoe-da's experts makes every first-sync plan average each expert
@@ -132,7 +140,13 @@ class LocalTrainer:
         return correct / max(len(ds), 1)
 
     def tensors(self, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        return {n: t for n, t in self.model.state_dict().items() if n.startswith(prefixes)}
+        # Floating tensors only: an integer buffer (BatchNorm's step counter) stays local
+        # (common/model_plugin.py shared_state; the schema leaves it out the same way).
+        return {
+            n: t
+            for n, t in self.model.state_dict().items()
+            if n.startswith(prefixes) and t.is_floating_point()
+        }
 
     def expert_snapshot(self) -> dict[int, dict[str, torch.Tensor]]:
         """A copy of every expert as it is now (Eq. 11 mixes these, not the live weights)."""

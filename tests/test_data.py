@@ -175,7 +175,7 @@ def test_digits_shapes_and_fixed_test_split() -> None:
 def test_unknown_dataset_is_rejected() -> None:
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("mnist", None, seed=0)
-    assert set(DATASETS) == {"digits", "cifar10", "synthetic"}
+    assert set(DATASETS) == {"digits", "cifar10", "synthetic", "cifar100", "fashion-mnist", "svhn"}
 
 
 def test_cifar10_subset_loads(cifar_dir: str) -> None:
