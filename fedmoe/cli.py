@@ -245,8 +245,9 @@ def resolve_auto_index(args: argparse.Namespace) -> bool:
 def config_from_args(args: argparse.Namespace):  # -> pb.RunConfig
     """The RunConfig of the run flags given (add_run_args); ConfigError if it cannot run."""
     values = {option.key: getattr(args, option.key) for option in OPTIONS}
-    if values["data_dir"]:
-        values["data_dir"] = str(Path(values["data_dir"]).resolve())
+    for key in ("data_dir", "embedding_init"):  # the processes may run in other directories
+        if values[key]:
+            values[key] = str(Path(values[key]).resolve())
     return make_config(**values)
 
 
@@ -263,7 +264,7 @@ def check_local_data(cfg) -> None:  # type: ignore[no-untyped-def]
         if not (Path(cfg.data_dir) / "cifar-10-batches-py").is_dir():
             return  # the peers may download it where the network allows; they say if not
     try:
-        load_peer_data(
+        data = load_peer_data(
             cfg.dataset,
             cfg.data_dir or None,
             cfg.peers,
@@ -274,6 +275,14 @@ def check_local_data(cfg) -> None:  # type: ignore[no-untyped-def]
         )
     except DataError as e:
         raise ConfigError(str(e)) from e
+    if cfg.embedding_init:  # the peers here read the same file: refuse a bad one before them
+        from fedmoe.peer.embedding_init import EmbeddingInitError
+        from fedmoe.peer.trainer import build_model
+
+        try:
+            build_model(cfg, data, 0)
+        except EmbeddingInitError as e:
+            raise ConfigError(f"fedmoe local: {e}") from e
 
 
 def build_parser() -> argparse.ArgumentParser:
