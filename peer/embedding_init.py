@@ -71,7 +71,11 @@ def read_state(path: str) -> dict[str, torch.Tensor]:
             "to tensors)"
         )
     if any(isinstance(k, str) and k.startswith(PREFIX) for k in state):  # a whole model's
-        state = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
+        state = {
+            k[len(PREFIX) :]: v
+            for k, v in state.items()
+            if isinstance(k, str) and k.startswith(PREFIX)
+        }
     bad = [_clip(k) for k, v in state.items() if not isinstance(k, str)]
     bad += [_clip(k) for k, v in state.items() if isinstance(k, str) and not torch.is_tensor(v)]
     if bad:
