@@ -26,6 +26,8 @@ ALGORITHMS: dict[str, int] = {
 }
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
 EXPERT_WIRE_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+EMBEDDING_WIRE_DTYPES = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16}
+MAX_PATH_CHARS = 4096  # a path longer than this is no path (PATH_MAX on Linux)
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 INITS = ("shared", "per-peer")
 MAX_FINETUNE_EPOCHS = 100
@@ -375,6 +377,32 @@ OPTIONS: tuple[Option, ...] = (
         lambda v, cfg: v == "" or cfg.model != "",
         "needs --model (the built-in networks load no weights)",
     ),
+    # pre-trained embedding (issue #10 item 7; docs/EMBEDDING_OPTIONS.md)
+    Option(
+        "embedding_init",
+        "--embedding-init",
+        str,
+        "",
+        "torch state_dict (torch.save) of the embedding network that every peer loads at round "
+        "0; every peer process needs the file at this path (empty: the run seed's weights)",
+        lambda v, _: len(v) <= MAX_PATH_CHARS and "\0" not in v,
+        f"must be a path of at most {MAX_PATH_CHARS} characters",
+    ),
+    Option(
+        "freeze_embedding",
+        "--freeze-embedding",
+        bool,
+        False,
+        "never train, upload or average the embedding loaded by --embedding-init",
+    ),
+    Option(
+        "embedding_wire_dtype",
+        "--embedding-wire-dtype",
+        str,
+        "float32",
+        "dtype of the embedding on its way to and from the coordinator (peers train in float32)",
+        enum=EMBEDDING_WIRE_DTYPES,
+    ),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 DEFAULTS: dict[str, Any] = {o.key: o.default for o in OPTIONS}
@@ -441,6 +469,15 @@ def validate(cfg: pb.RunConfig) -> None:
             f"--finetune-epochs is for --algorithm fedavg only (got {ALGORITHM_NAMES.get(cfg.algorithm, 'unknown')}): "
             "it makes the FedAvg + local fine-tuning baseline"
         )
+    if cfg.freeze_embedding and not cfg.embedding_init:
+        # Frozen random features would train every run on a fixed projection of the seed, an
+        # easy slip (a forgotten flag) that still "works": ask for the weights explicitly.
+        errors.append("--freeze-embedding needs --embedding-init PATH (the weights to freeze)")
+    if cfg.freeze_embedding and cfg.embedding_wire_dtype not in (0, pb.FLOAT32):
+        errors.append(
+            "--embedding-wire-dtype has nothing to send with --freeze-embedding "
+            "(a frozen embedding never travels): leave it at float32"
+        )
     if errors:
         raise ConfigError("invalid run configuration: " + "; ".join(errors))
 
@@ -503,12 +540,30 @@ def takes_part(cfg: pb.RunConfig, index: int, round_: int) -> bool:
     return not cfg.clients_per_round or index in participants(cfg, round_)
 
 
+def coordinated(cfg: pb.RunConfig) -> bool:
+    """Whether rounds go through the coordinator (uploads, a close, a result) at all. With a
+    frozen embedding a fedmoe-da round between syncs uploads no tensor, but it is still one:
+    its empty upload keeps the quorum, the deadlines and the catch-up rules as they are."""
+    return cfg.algorithm != pb.LOCAL
+
+
 def upload_prefixes(cfg: pb.RunConfig, round_: int) -> tuple[str, ...]:
     """Which parameters a peer uploads to the coordinator in a round (DESIGN.md §1.3)."""
     if cfg.algorithm == pb.FEDAVG:
-        return ("embedding.", "gate.", "experts.")
-    if cfg.algorithm == pb.MOE_FEDAVG:
-        return ("embedding.", "experts.")  # the gate stays personal
-    if cfg.algorithm == pb.FEDMOE_DA:
-        return ("embedding.", "gate.") if is_sync_round(cfg, round_) else ("embedding.",)
-    return ()
+        prefixes: tuple[str, ...] = ("embedding.", "gate.", "experts.")
+    elif cfg.algorithm == pb.MOE_FEDAVG:
+        prefixes = ("embedding.", "experts.")  # the gate stays personal
+    elif cfg.algorithm == pb.FEDMOE_DA:
+        prefixes = ("embedding.", "gate.") if is_sync_round(cfg, round_) else ("embedding.",)
+    else:
+        return ()
+    if cfg.freeze_embedding:  # every peer holds the same frozen weights: nothing to average
+        prefixes = tuple(p for p in prefixes if p != "embedding.")
+    return prefixes
+
+
+def wire_dtype(cfg: pb.RunConfig, name: str) -> int:
+    """The dtype tensor `name` travels in between a peer and the coordinator."""
+    if name.startswith("embedding.") and cfg.embedding_wire_dtype:
+        return int(cfg.embedding_wire_dtype)
+    return pb.FLOAT32

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedmoe.common.config import takes_part, upload_prefixes
+from fedmoe.common.config import coordinated, takes_part, upload_prefixes
 from fedmoe.common.logsafe import clip
 from fedmoe.common.model_schema import model_schema
 from fedmoe.common.proto import pb
@@ -149,7 +149,7 @@ class RoundBook:
         self.on_round_reported = on_round_reported
         self.persist = persist
         self.clock = clock
-        self.uploads = bool(upload_prefixes(cfg, 1))
+        self.uploads = coordinated(cfg)  # local: rounds end with the reports alone
         self._cv = threading.Condition()
         # alive() and left(), as every heartbeat returns them: O(N) to build, so built once and
         # dropped on every change of membership or liveness (join, revival) and at every tick.
@@ -312,9 +312,10 @@ class RoundBook:
         self, member: Member, round_: int, num_samples: int, tensors: dict[str, np.ndarray]
     ) -> None:
         self.check_round(round_)
-        expected = upload_prefixes(self.cfg, round_)
-        if not expected:
+        if not self.uploads:
             raise Refused(Reason.WRONG_TIME, "this algorithm uploads nothing")
+        # May be empty: a frozen embedding's fedmoe-da round between syncs uploads no tensor.
+        expected = upload_prefixes(self.cfg, round_)
         self._check_samples(num_samples)
         for name, array in tensors.items():
             if not name.startswith(expected):

@@ -22,7 +22,7 @@ import grpc
 
 from fedmoe.common.accounting import PHASES
 from fedmoe.common.auth import SESSION_METADATA, TOKEN_METADATA
-from fedmoe.common.config import ALGORITHM_NAMES, upload_prefixes
+from fedmoe.common.config import ALGORITHM_NAMES, upload_prefixes, wire_dtype
 from fedmoe.common.grpc_status import status_of
 from fedmoe.common.logsafe import clip, clip_text
 from fedmoe.common.proto import pb, rpc
@@ -329,7 +329,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             # Names, shapes and dtype are checked per chunk, before any buffer is allocated.
             prefixes = upload_prefixes(self.cfg, header.round)
             expected = {
-                n: TensorSpec(shape, frozenset({pb.FLOAT32}))
+                n: TensorSpec(shape, frozenset({wire_dtype(self.cfg, n)}))
                 for n, shape in self.book.schema.items()
                 if prefixes and n.startswith(prefixes)
             }
@@ -417,7 +417,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         yield first
         cached = self._shared_parts
         if cached is None or cached[0] is not shared:  # a new round's aggregate
-            wire = (numpy_to_wire(n, a) for n, a in sorted(shared.items()))
+            wire = (numpy_to_wire(n, a, wire_dtype(self.cfg, n)) for n, a in sorted(shared.items()))
             parts = [pb.RoundResultPart(chunk=c) for c in chunk_tensors(wire, self.cfg.chunk_bytes)]
             self._shared_parts = cached = (shared, parts)  # a race only encodes it twice
         yield from cached[1]

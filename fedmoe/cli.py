@@ -244,7 +244,7 @@ def resolve_auto_index(args: argparse.Namespace) -> bool:
 
 # Run options naming local paths: made absolute where the command runs, since the processes
 # it starts (and a config.json read later) must not depend on the working directory.
-PATH_OPTIONS = ("data_dir", "model_weights")
+PATH_OPTIONS = ("data_dir", "model_weights", "embedding_init")
 
 
 def absolute_paths(values: dict) -> dict:  # type: ignore[type-arg]
@@ -293,7 +293,7 @@ def check_local_data(cfg) -> None:  # type: ignore[no-untyped-def]
         if not (Path(cfg.data_dir) / "cifar-10-batches-py").is_dir():
             return  # the peers may download it where the network allows; they say if not
     try:
-        load_peer_data(
+        data = load_peer_data(
             cfg.dataset,
             cfg.data_dir or None,
             cfg.peers,
@@ -304,6 +304,14 @@ def check_local_data(cfg) -> None:  # type: ignore[no-untyped-def]
         )
     except DataError as e:
         raise ConfigError(str(e)) from e
+    if cfg.embedding_init:  # the peers here read the same file: refuse a bad one before them
+        from fedmoe.peer.embedding_init import EmbeddingInitError
+        from fedmoe.peer.trainer import build_model
+
+        try:
+            build_model(cfg, data, 0)
+        except EmbeddingInitError as e:
+            raise ConfigError(f"fedmoe local: {e}") from e
 
 
 def build_parser() -> argparse.ArgumentParser:

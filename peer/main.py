@@ -41,6 +41,7 @@ from fedmoe.common.wire_counters import detect as detect_interfaces
 from fedmoe.peer.advertise import auto_advertise_port, own_address
 from fedmoe.peer.checkpoint import AssignedIndex, MemberSecret, PeerCheckpoint
 from fedmoe.peer.coordinator_client import CoordinatorClient
+from fedmoe.peer.embedding_init import EmbeddingInitError
 from fedmoe.peer.expert_client import ExpertClient
 from fedmoe.peer.expert_service import ExpertExchangeService, expert_server
 from fedmoe.peer.expert_store import ExpertStore
@@ -214,7 +215,7 @@ class _Host:
             runner.run(reply.start_round)
         except grpc.RpcError as e:
             raise SystemExit(f"{name}: {e.code().name}: {e.details()}") from e
-        except (DataError, BadAggregate, PluginError) as e:  # PluginError: --model
+        except (DataError, BadAggregate, PluginError, EmbeddingInitError) as e:  # PluginError: --model
             raise SystemExit(f"{name}: {e}") from e
         finally:
             if data_pending:

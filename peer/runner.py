@@ -30,7 +30,7 @@ import torch
 
 from fedmoe.common import faults
 from fedmoe.common.accounting import PHASES, ByteCounter
-from fedmoe.common.config import is_sync_round, takes_part, upload_prefixes
+from fedmoe.common.config import coordinated, is_sync_round, takes_part, upload_prefixes, wire_dtype
 from fedmoe.common.proto import pb
 from fedmoe.common.retry import FETCH_RETRY, retry_stream
 from fedmoe.common.telemetry import PeerEvents
@@ -175,7 +175,7 @@ class PeerRunner:
 
     def _run_sampled(self) -> None:
         """The round loop under partial participation (see the module docstring)."""
-        shares = bool(upload_prefixes(self.cfg, 1))
+        shares = coordinated(self.cfg)
         synced = self.round - 1  # the round whose aggregate our model holds
         start = self.round
         while (round_ := self._next_sampled(start)) is not None:
@@ -238,8 +238,7 @@ class PeerRunner:
 
     def _catch_up(self) -> int:
         """Load the latest aggregate; returns the round to work on next."""
-        prefixes = upload_prefixes(self.cfg, 1)
-        if not prefixes:  # local: nothing shared, just continue where the run is
+        if not coordinated(self.cfg):  # local: nothing shared, just continue where the run is
             return self.round
         return self._load_latest(self.round) + 1
 
@@ -296,12 +295,13 @@ class PeerRunner:
         trained = time.perf_counter()
         prefixes = upload_prefixes(self.cfg, round_)
         sync = is_sync_round(self.cfg, round_)
-        fetched = self._share(round_, prefixes, sync, timer) if prefixes else 0
+        # An empty upload still takes part (a frozen embedding's fedmoe-da round between syncs).
+        fetched = self._share(round_, prefixes, sync, timer) if coordinated(self.cfg) else 0
         exchanged = time.perf_counter()
         with timer.phase("evaluate"):  # with --finetune-epochs, the fine-tuning too
             scores = self.trainer.evaluate_round(round_)
         accuracy, global_accuracy = scores.accuracy, scores.global_accuracy
-        if sync and prefixes:
+        if sync:
             with timer.phase("serve_wait"):
                 self._wait_served(round_)
         if self.checkpoint is not None:
@@ -334,7 +334,8 @@ class PeerRunner:
                 # Published before uploading: once the round closes, others may ask for it.
                 self.store.publish(round_, self._wire_experts(snapshot), self.cfg.chunk_bytes)
             uploads = [
-                torch_to_wire(n, t, pb.FLOAT32) for n, t in self.trainer.tensors(prefixes).items()
+                torch_to_wire(n, t, wire_dtype(self.cfg, n))
+                for n, t in self.trainer.tensors(prefixes).items()
             ]
         try:
             plan, shared = self._exchange_with_coordinator(round_, uploads, timer)
@@ -441,9 +442,10 @@ class PeerRunner:
             raise
 
     def _expected(self, prefixes: tuple[str, ...]) -> dict[str, TensorSpec]:
-        """What the coordinator may send us: these parameters of our model, as float32."""
+        """What the coordinator may send us: these parameters of our model, each in its wire
+        dtype (float32, or the embedding's --embedding-wire-dtype)."""
         return {
-            n: TensorSpec(tuple(t.shape), frozenset({pb.FLOAT32}))
+            n: TensorSpec(tuple(t.shape), frozenset({wire_dtype(self.cfg, n)}))
             for n, t in self.trainer.tensors(prefixes).items()
         }
 

@@ -14,6 +14,7 @@ from fedmoe.common.config import config_to_dict
 from fedmoe.common.data import ArrayDataset, PeerData
 from fedmoe.common.model_plugin import build_plugin_embedding
 from fedmoe.common.proto import pb
+from fedmoe.peer.embedding_init import freeze, load_embedding
 from fedmoe.peer.model import MoEModel
 
 # Peers hosted in one process share its torch runtime and device: they train and evaluate one
@@ -49,6 +50,10 @@ def build_model(cfg: pb.RunConfig, data: PeerData, index: int = 0) -> MoEModel:
     # with its namesakes on the other peers, blind to their domains (docs/FIRST_SYNC.md).
     if cfg.init == "per-peer" and cfg.algorithm in (pb.FEDMOE_DA, pb.MOE_FEDAVG):
         model.reset_personal(personal_seed(cfg.seed, index), experts=cfg.algorithm == pb.FEDMOE_DA)
+    if cfg.embedding_init:  # after every draw from the seed: the rest starts as without it
+        load_embedding(model.embedding, cfg.embedding_init)
+    if cfg.freeze_embedding:
+        freeze(model.embedding)
     return model
 
 
@@ -89,7 +94,10 @@ class LocalTrainer:
     def _train(self, model: MoEModel, epochs: int, gen: torch.Generator) -> float:
         """`epochs` epochs of SGD on `model` with a fresh optimizer; the mean training loss."""
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum)
+        if self.cfg.freeze_embedding:
+            model.embedding.eval()  # BatchNorm statistics (if any) are part of what is frozen
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(trainable, lr=self.cfg.lr, momentum=self.cfg.momentum)
         total, batches = 0.0, 0
         for _ in range(epochs):
             order = torch.randperm(self.num_samples, generator=gen).to(self.device)

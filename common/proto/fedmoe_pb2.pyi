@@ -58,7 +58,7 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "algorithm", "peers", "rounds", "seed", "dataset", "data_dir", "alpha", "embed_dim", "num_experts", "top_k", "expert_hidden", "balance_coef", "local_epochs", "batch_size", "lr", "momentum", "neighbors", "temperature", "sync_every", "intra_peer", "chunk_bytes", "expert_wire_dtype", "min_peers", "round_timeout", "peer_timeout", "clients_per_round", "aggregation", "trim_fraction", "clip_norm", "max_tensor_norm", "val_fraction", "init", "finetune_epochs", "min_term_weight", "model", "model_weights")
+    __slots__ = ("run_id", "algorithm", "peers", "rounds", "seed", "dataset", "data_dir", "alpha", "embed_dim", "num_experts", "top_k", "expert_hidden", "balance_coef", "local_epochs", "batch_size", "lr", "momentum", "neighbors", "temperature", "sync_every", "intra_peer", "chunk_bytes", "expert_wire_dtype", "min_peers", "round_timeout", "peer_timeout", "clients_per_round", "aggregation", "trim_fraction", "clip_norm", "max_tensor_norm", "val_fraction", "init", "finetune_epochs", "min_term_weight", "embedding_init", "freeze_embedding", "embedding_wire_dtype", "model", "model_weights")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,9 @@ class RunConfig(_message.Message):
     INIT_FIELD_NUMBER: _ClassVar[int]
     FINETUNE_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MIN_TERM_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_INIT_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
@@ -131,9 +134,12 @@ class RunConfig(_message.Message):
     init: str
     finetune_epochs: int
     min_term_weight: float
+    embedding_init: str
+    freeze_embedding: bool
+    embedding_wire_dtype: DType
     model: str
     model_weights: str
-    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., peers: _Optional[int] = ..., rounds: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., data_dir: _Optional[str] = ..., alpha: _Optional[float] = ..., embed_dim: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_hidden: _Optional[int] = ..., balance_coef: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., neighbors: _Optional[int] = ..., temperature: _Optional[float] = ..., sync_every: _Optional[int] = ..., intra_peer: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., expert_wire_dtype: _Optional[_Union[DType, str]] = ..., min_peers: _Optional[int] = ..., round_timeout: _Optional[float] = ..., peer_timeout: _Optional[float] = ..., clients_per_round: _Optional[int] = ..., aggregation: _Optional[str] = ..., trim_fraction: _Optional[float] = ..., clip_norm: _Optional[float] = ..., max_tensor_norm: _Optional[float] = ..., val_fraction: _Optional[float] = ..., init: _Optional[str] = ..., finetune_epochs: _Optional[int] = ..., min_term_weight: _Optional[float] = ..., model: _Optional[str] = ..., model_weights: _Optional[str] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., peers: _Optional[int] = ..., rounds: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., data_dir: _Optional[str] = ..., alpha: _Optional[float] = ..., embed_dim: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_hidden: _Optional[int] = ..., balance_coef: _Optional[float] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., neighbors: _Optional[int] = ..., temperature: _Optional[float] = ..., sync_every: _Optional[int] = ..., intra_peer: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., expert_wire_dtype: _Optional[_Union[DType, str]] = ..., min_peers: _Optional[int] = ..., round_timeout: _Optional[float] = ..., peer_timeout: _Optional[float] = ..., clients_per_round: _Optional[int] = ..., aggregation: _Optional[str] = ..., trim_fraction: _Optional[float] = ..., clip_norm: _Optional[float] = ..., max_tensor_norm: _Optional[float] = ..., val_fraction: _Optional[float] = ..., init: _Optional[str] = ..., finetune_epochs: _Optional[int] = ..., min_term_weight: _Optional[float] = ..., embedding_init: _Optional[str] = ..., freeze_embedding: _Optional[bool] = ..., embedding_wire_dtype: _Optional[_Union[DType, str]] = ..., model: _Optional[str] = ..., model_weights: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("index", "advertise", "member_secret", "any_index")
