@@ -8,8 +8,8 @@ receiving side is the one into the tensor's buffer (common/tensors.TensorAssembl
 
 It accepts what protobuf accepts for a TensorChunk, with the same values (last occurrence wins for
 singular fields; shape packed or not; unknown fields skipped), and refuses a little more, all of
-which no protobuf encoder produces: groups, a known field with the wrong wire type, varints over
-10 bytes, tags above 2^32. Everything malformed is a WireError, never another exception;
+which no protobuf encoder produces for a real chunk: groups, a known field with the wrong wire
+type, varints over 10 bytes, tags above 2^32, more than MAX_FIELDS fields and shape entries. Everything malformed is a WireError, never another exception;
 tests/test_chunk_decoder.py checks it against protobuf on random and mutated messages.
 """
 
@@ -23,6 +23,9 @@ _U64 = (1 << 64) - 1
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 # TensorChunk's fields (protos/fedmoe.proto) -> their wire type; shape (3) may also come packed.
 _WIRE_TYPES = {1: _LEN, 2: _VARINT, 3: _VARINT, 4: _VARINT, 5: _VARINT, 6: _LEN, 7: _I32}
+# A real chunk has 7 fields and a few shape entries. Without a bound, a 5 MB message of 2-byte
+# fields would keep this Python loop busy for seconds (protobuf's C parser takes milliseconds).
+MAX_FIELDS = 256  # fields plus shape entries, packed or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +83,11 @@ def decode_chunk(raw: bytes) -> ChunkView:
     data_at = (0, 0)
     view = memoryview(raw)
     pos, end = 0, len(raw)
+    fields = 0
     while pos < end:
+        fields += 1
+        if fields + len(shape) > MAX_FIELDS:
+            raise WireError(f"chunk: more than {MAX_FIELDS} fields and shape entries")
         tag, pos = _varint(raw, pos, end)
         field, wire = tag >> 3, tag & 7
         if field == 0 or tag > 0xFFFFFFFF:
@@ -88,6 +95,8 @@ def decode_chunk(raw: bytes) -> ChunkView:
         if field == 3 and wire == _LEN:  # packed shape
             stop, pos = _length(raw, pos, end)
             while pos < stop:
+                if fields + len(shape) >= MAX_FIELDS:
+                    raise WireError(f"chunk: more than {MAX_FIELDS} fields and shape entries")
                 v, pos = _varint(raw, pos, stop)
                 shape.append(_int64(v))
             continue

@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmoe.common.chunk_decoder import ChunkView, decode_chunk
+from fedmoe.common.chunk_decoder import MAX_FIELDS, ChunkView, decode_chunk
 from fedmoe.common.crc import crc32
 from fedmoe.common.proto import pb
 from fedmoe.common.tensors import (
@@ -141,6 +141,21 @@ def test_non_canonical_encodings_protobuf_accepts() -> None:
 def test_malformed_messages_are_wire_errors(raw: bytes, why: str) -> None:
     with pytest.raises(WireError, match=why):
         decode_chunk(raw)
+
+
+def test_field_floods_are_refused_early() -> None:
+    """Many tiny fields (a CPU sink for a Python loop) are refused past MAX_FIELDS."""
+    base = sample_chunk().SerializeToString()
+    unknown = (key(99, 0) + varint(1)) * (MAX_FIELDS + 1)
+    packed_entries = b"\x01" * (MAX_FIELDS + 1)
+    packed = key(3, 2) + varint(len(packed_entries)) + packed_entries
+    unpacked = (key(3, 0) + varint(1)) * (MAX_FIELDS + 1)
+    for flood in (unknown, packed, unpacked):
+        with pytest.raises(WireError, match="more than 256 fields"):
+            decode_chunk(base + flood)
+    # Just below the bound is still a chunk (protobuf agrees on every value).
+    fine = base + (key(99, 0) + varint(1)) * (MAX_FIELDS - 20)
+    assert view_fields(decode_chunk(fine)) == pb_fields(pb.TensorChunk.FromString(fine))
 
 
 @SETTINGS
