@@ -53,8 +53,10 @@ class ByteCounter:
         with self._lock:
             self._counts[(round_, klass, direction)] += nbytes
 
-    def message(self, round_: int, klass: str, direction: str, msg: Message) -> None:
-        self.add(round_, klass, direction, msg.ByteSize())
+    def message(self, round_: int, klass: str, direction: str, msg: Message | bytes) -> None:
+        """Count one message: its serialized size, or its length when it arrives serialized
+        (ExpertClient takes chunks as bytes: ByteSize() would re-encode every 1 MiB chunk)."""
+        self.add(round_, klass, direction, message_size(msg))
 
     def carry(self, from_round: int, to_round: int) -> None:
         """Move a round's counts into a later one (a round the peer skipped is never reported)."""

@@ -11,12 +11,13 @@ This module knows numpy and protobuf only; torch conversions live with the model
 from __future__ import annotations
 
 import math
-import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
+from fedmoe.common.crc import crc32
 from fedmoe.common.logsafe import clip
 from fedmoe.common.proto import pb
 
@@ -121,7 +122,7 @@ def chunk_tensor(
             offset=offset,
             total_bytes=total,
             data=piece,
-            crc32=zlib.crc32(piece),
+            crc32=crc32(piece),
         )
         offset += len(piece)
         if offset >= total:
@@ -133,6 +134,25 @@ def chunk_tensors(
 ) -> Iterator[pb.TensorChunk]:
     for tensor in tensors:
         yield from chunk_tensor(tensor, chunk_bytes)
+
+
+class ChunkLike(Protocol):
+    """What the assembler reads of a chunk: pb.TensorChunk's fields (ChunkView has them too)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> int: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def total_bytes(self) -> int: ...
+    @property
+    def data(self) -> Any: ...  # bytes or memoryview: anything with len() and the buffer protocol
+    @property
+    def crc32(self) -> int: ...
 
 
 @dataclass
@@ -164,21 +184,25 @@ class TensorAssembler:
         self._done: dict[str, WireTensor] = {}
         self._total = 0
 
-    def add(self, chunk: pb.TensorChunk) -> WireTensor | None:
-        """Take one chunk; returns the tensor when this chunk completes it."""
+    def add(self, chunk: pb.TensorChunk | ChunkLike) -> WireTensor | None:
+        """Take one chunk (a message, or a ChunkView from common/chunk_decoder.py); returns the
+        tensor when this chunk completes it."""
         lim = self.limits
         name = chunk.name
+        # Each field is read once: a protobuf message copies its bytes field on every access.
+        data = chunk.data
+        size = len(data)
         if not name or len(name) > lim.max_name_len:
             raise WireError(f"chunk has an empty or over-long name ({len(name)} characters)")
         if name in self._done:
             raise WireError(f"tensor {name!r} was already received (duplicate chunk)")
-        if len(chunk.data) > lim.max_chunk_bytes:
+        if size > lim.max_chunk_bytes:
             raise WireError(
-                f"tensor {name!r}: chunk of {len(chunk.data)} bytes exceeds the limit of "
-                f"{lim.max_chunk_bytes}"
+                f"tensor {name!r}: chunk of {size} bytes exceeds the limit of {lim.max_chunk_bytes}"
             )
-        if zlib.crc32(chunk.data) != chunk.crc32:
-            raise WireError(f"tensor {name!r}: checksum mismatch in chunk at offset {chunk.offset}")
+        offset = chunk.offset
+        if crc32(data) != chunk.crc32:
+            raise WireError(f"tensor {name!r}: checksum mismatch in chunk at offset {offset}")
         partial = self._partial.get(name)
         if partial is None:
             partial = self._start(chunk)
@@ -186,20 +210,21 @@ class TensorAssembler:
             raise WireError(f"tensor {name!r}: dtype or shape changed between chunks")
         if chunk.total_bytes != len(partial.buffer):
             raise WireError(f"tensor {name!r}: total_bytes changed between chunks")
-        if chunk.offset != partial.received:
+        if offset != partial.received:
             raise WireError(
-                f"tensor {name!r}: chunk at offset {chunk.offset}, expected {partial.received} "
+                f"tensor {name!r}: chunk at offset {offset}, expected {partial.received} "
                 "(chunks must arrive in order, without gaps or repeats)"
             )
-        end = chunk.offset + len(chunk.data)
+        end = offset + size
         if end > len(partial.buffer):
             raise WireError(
                 f"tensor {name!r}: chunk ends at byte {end}, past the declared size "
                 f"{len(partial.buffer)}"
             )
-        if not chunk.data and len(partial.buffer) > 0:
+        if not size and len(partial.buffer) > 0:
             raise WireError(f"tensor {name!r}: empty chunk inside a non-empty tensor")
-        partial.buffer[chunk.offset : end] = np.frombuffer(chunk.data, dtype=np.uint8)
+        # The one copy on the receiving side: into the tensor's own buffer, at its offset.
+        partial.buffer[offset:end] = np.frombuffer(data, dtype=np.uint8)
         partial.received = end
         if end < len(partial.buffer):
             return None
@@ -208,7 +233,7 @@ class TensorAssembler:
         self._done[name] = tensor
         return tensor
 
-    def _start(self, chunk: pb.TensorChunk) -> _Partial:
+    def _start(self, chunk: pb.TensorChunk | ChunkLike) -> _Partial:
         lim = self.limits
         name = chunk.name
         info = DTYPES.get(chunk.dtype)
@@ -301,7 +326,7 @@ def check_values(tensors: Mapping[str, WireTensor], max_norm: float) -> None:
 
 
 def assemble(
-    chunks: Iterable[pb.TensorChunk],
+    chunks: Iterable[pb.TensorChunk | ChunkLike],
     limits: WireLimits | None = None,
     expected: Mapping[str, TensorSpec] | None = None,
 ) -> dict[str, WireTensor]:

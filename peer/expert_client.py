@@ -13,10 +13,13 @@ from collections.abc import Mapping
 import grpc
 
 from fedmoe.common.accounting import ByteCounter, CountingInterceptor
+from fedmoe.common.chunk_decoder import decode_chunk
 from fedmoe.common.grpc_options import CHANNEL_OPTIONS
-from fedmoe.common.proto import pb, rpc
+from fedmoe.common.proto import pb
 from fedmoe.common.tensors import TensorAssembler, TensorSpec, WireLimits, WireTensor, check_value
 from fedmoe.common.tls import TlsFiles, channel
+
+FETCH_METHOD = "/fedmoe.v1.ExpertExchange/FetchExperts"
 
 
 class ExpertClient:
@@ -33,15 +36,25 @@ class ExpertClient:
         self.tls = tls
         self._lock = threading.Lock()
         self._channels: dict[tuple[str, str | None], grpc.Channel] = {}
+        self._calls: dict[tuple[str, str | None], grpc.UnaryStreamMultiCallable] = {}
         self._counting = CountingInterceptor(counter, "p2p")
 
-    def _stub(self, address: str, server_name: str | None) -> rpc.ExpertExchangeStub:
+    def _fetch_call(self, address: str, server_name: str | None) -> grpc.UnaryStreamMultiCallable:
+        """FetchExperts on the (reused) channel to `address`, answering with each chunk's
+        serialized bytes: common/chunk_decoder.py decodes them without copying the payload."""
+        key = (address, server_name)
         with self._lock:
-            ch = self._channels.get((address, server_name))
-            if ch is None:
+            call = self._calls.get(key)
+            if call is None:
                 ch = channel(address, self.tls, CHANNEL_OPTIONS, server_name)
-                self._channels[(address, server_name)] = ch
-        return rpc.ExpertExchangeStub(grpc.intercept_channel(ch, self._counting))
+                self._channels[key] = ch
+                call = grpc.intercept_channel(ch, self._counting).unary_stream(
+                    FETCH_METHOD,
+                    request_serializer=pb.ExpertRequest.SerializeToString,
+                    response_deserializer=None,  # the bytes as received
+                )
+                self._calls[key] = call
+        return call
 
     def fetch(
         self,
@@ -70,10 +83,10 @@ class ExpertClient:
         assembler = TensorAssembler(self.limits, expected)
         # Under TLS the source must hold its own certificate (peer-K), whatever its address.
         server_name = source_id if self.tls is not None and source_id else None
-        call = self._stub(address, server_name).FetchExperts(request, timeout=self.timeout)
+        call = self._fetch_call(address, server_name)(request, timeout=self.timeout)
         try:
-            for chunk in call:
-                tensor = assembler.add(chunk)
+            for raw in call:
+                tensor = assembler.add(decode_chunk(raw))
                 if tensor is not None and max_norm is not None:
                     check_value(tensor, max_norm)  # as each completes: stop a bad stream early
             return assembler.finish()
@@ -86,3 +99,4 @@ class ExpertClient:
             for ch in self._channels.values():
                 ch.close()
             self._channels.clear()
+            self._calls.clear()
