@@ -76,6 +76,7 @@ def run_one(
     procs: dict[str, subprocess.Popen[bytes]] = {}
     with topology(prof, args.peers, args.prefix, args.rate_scale) as topo:
         coord = f"{topo.address(COORDINATOR)}:{COORD_PORT}"
+        print(f"[{prof.name}] {algorithm}: {topo.describe()}", flush=True)
 
         def start(name: str, host: str, argv: list[str]) -> None:
             with open(out / f"{name}.log", "w") as log:  # the child keeps its own descriptor
@@ -182,7 +183,6 @@ def run_scenario(name: str, args: argparse.Namespace, run_argv: list[str]) -> di
     base = args.out / name
     runs, launched = {}, {}
     for alg in args.algorithms.split(","):
-        print(f"[{name}] {alg} ...", flush=True)
         launched[alg] = run_one(prof, alg, args, run_argv, base / alg)
         runs[alg] = base / alg
     result = compare(runs, args.metric, args.target, args.target_from)
@@ -251,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
-    results = {name: run_scenario(name, args, run_argv) for name in args.network.split(",")}
+    try:
+        results = {name: run_scenario(name, args, run_argv) for name in args.network.split(",")}
+    except KeyboardInterrupt:  # the `with Topology` blocks have removed their namespaces
+        print("interrupted; the namespaces and processes of the run are removed", file=sys.stderr)
+        return 130
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -6,6 +6,7 @@ records, and that no namespace or link of the run is left behind. No timing asse
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,25 @@ def test_scenario_runner_end_to_end(tmp_path: Path) -> None:
     assert result["algorithms"]["fedavg"]["round_of_target"] in (1, 2)
     assert result["algorithms"]["fedavg"]["speedup_vs_fedavg"] == 1.0
     assert "to target s" in p.stdout and "fedmoe-da" in p.stdout
+
+
+def test_interrupted_run_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) while the processes run in the namespaces: all of it is removed."""
+    cmd = [
+        sys.executable, str(REPO / "bench" / "scenario.py"), "--network", "heterogeneous",
+        "--algorithms", "fedavg", "--dataset", "synthetic", "--peers", "2", "--rounds", "50",
+        "--threads", "1", "--prefix", PREFIX, "--out", str(tmp_path / "sc"),
+    ]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()  # printed once the topology is up, as the processes start
+        assert line.startswith("[heterogeneous] fedavg: veth"), line
+        assert len(list_netns(PREFIX)) == 4  # switch, coordinator, 2 peers
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=120) != 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert list_netns(PREFIX) == [] and list_root_links(PREFIX) == []
