@@ -35,7 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from netns import Topology  # noqa: E402
 
+from fedmoe.common.accounting import PHASES  # noqa: E402
 from fedmoe.common.auth import new_token_file  # noqa: E402
+from fedmoe.report import round_overhead  # noqa: E402
 from fedmoe.scenarios import (  # noqa: E402
     COORDINATOR,
     PROFILE_NAMES,
@@ -124,6 +126,13 @@ def run_one(
     return {"link": link, "launcher_seconds": round(time.time() - t0, 2), "exit": codes}
 
 
+def completed(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
 def load_records(run_dir: Path) -> list[dict[str, Any]]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines if x.strip()]
@@ -142,6 +151,8 @@ def compare(
     out: dict[str, Any] = {"metric": metric, "target": target, "algorithms": {}}
     for alg, rows in series.items():
         summary = json.loads((runs[alg] / "summary.json").read_text())
+        records = load_records(runs[alg])
+        share = round_overhead(records)
         secs, rnd = time_to_target(rows, target, metric)
         out["algorithms"][alg] = {
             "final": rows[-1][metric] if rows else None,
@@ -151,6 +162,13 @@ def compare(
             "total_s": rows[-1]["t"] if rows else None,
             "coordinator_mb": summary["bytes"]["coordinator"] / 1e6,
             "p2p_mb": summary["bytes"]["p2p"] / 1e6,
+            # where a peer's round goes: mean seconds per phase over all peer rounds
+            "phase_mean_s": {
+                n: sum(r["phase_seconds"].get(n, 0.0) for r in records) / len(records)
+                for n in PHASES
+                if any(n in r["phase_seconds"] for r in records)
+            },
+            "outside_train_evaluate_share": share["outside"] if share else None,
             "series": rows,
             "run_dir": str(runs[alg]),
         }
@@ -166,15 +184,22 @@ def format_table(name: str, result: dict[str, Any]) -> str:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     key = next(k for k in next(iter(result["algorithms"].values())) if k.startswith("speedup"))
     head = (f"{'algorithm':<12} {'final':>6} {'to target s':>11} {'round':>5} {'s/round':>8} "
-            f"{'total s':>8} {'coord MB':>9} {'p2p MB':>8} {'speedup':>7}")  # fmt: skip
+            f"{'total s':>8} {'train s':>7} {'outside':>7} {'coord MB':>9} {'p2p MB':>8} "
+            f"{'speedup':>7}")  # fmt: skip
     lines = [f"{name}: target {result['metric']} {result['target']:.4f}", head, "-" * len(head)]
     for alg, r in result["algorithms"].items():
         lines.append(
             f"{alg:<12} {fmt(r['final'], '6.4f')} {fmt(r['time_to_target_s'], '11.1f')} "
             f"{fmt(r['round_of_target'], '5d')} {fmt(r['mean_round_s'], '8.1f')} "
-            f"{fmt(r['total_s'], '8.1f')} {r['coordinator_mb']:>9.2f} {r['p2p_mb']:>8.2f} "
+            f"{fmt(r['total_s'], '8.1f')} {fmt(r['phase_mean_s'].get('train'), '7.1f')} "
+            f"{fmt(r['outside_train_evaluate_share'], '7.1%')} "
+            f"{r['coordinator_mb']:>9.2f} {r['p2p_mb']:>8.2f} "
             f"{fmt(r[key], '7.2f')}"
         )
+    lines.append(
+        "train s: mean seconds of local training per peer round; outside: share of the peers' "
+        "round time outside train and evaluate (transfers and waiting)"
+    )
     return "\n".join(lines)
 
 
@@ -183,8 +208,11 @@ def run_scenario(name: str, args: argparse.Namespace, run_argv: list[str]) -> di
     base = args.out / name
     runs, launched = {}, {}
     for alg in args.algorithms.split(","):
-        launched[alg] = run_one(prof, alg, args, run_argv, base / alg)
         runs[alg] = base / alg
+        if args.reuse and completed(runs[alg]):
+            print(f"[{name}] {alg}: reusing {runs[alg]}", flush=True)
+            continue
+        launched[alg] = run_one(prof, alg, args, run_argv, runs[alg])
     result = compare(runs, args.metric, args.target, args.target_from)
     result["profile"] = prof.as_dict(args.rate_scale)
     for alg, info in launched.items():
@@ -231,6 +259,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ap.add_argument("--out", type=Path, default=Path("runs/scenario"))
     ap.add_argument("--json", type=Path, default=None, help="all profiles' results in one file")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep completed runs found under OUT (only compare and plot them)")  # fmt: skip
     args, run_argv = ap.parse_known_args(argv)  # the rest: coordinator run options
     for name in args.network.split(","):
         profile(name, args.peers, args.seed)  # ValueError early for an unknown name
