@@ -51,7 +51,8 @@ def test_scenario_runner_end_to_end(tmp_path: Path) -> None:
     assert len(final) == 2 and result["target"] == sum(final) / 2  # default: FedAvg's final
     for alg, row in result["algorithms"].items():
         for key in ("final", "time_to_target_s", "round_of_target", "mean_round_s", "total_s",
-                    "coordinator_mb", "p2p_mb", "speedup_vs_fedavg", "series", "launcher"):  # fmt: skip
+                    "coordinator_mb", "p2p_mb", "speedup_vs_fedavg", "series", "launcher",
+                    "phase_mean_s", "outside_train_evaluate_share"):  # fmt: skip
             assert key in row, (alg, key)
         assert [s["round"] for s in row["series"]] == [1, 2]
         assert "tbf" in row["launcher"]["link"] and row["coordinator_mb"] > 0
@@ -65,6 +66,14 @@ def test_scenario_runner_end_to_end(tmp_path: Path) -> None:
     assert result["algorithms"]["fedavg"]["round_of_target"] in (1, 2)
     assert result["algorithms"]["fedavg"]["speedup_vs_fedavg"] == 1.0
     assert "to target s" in p.stdout and "fedmoe-da" in p.stdout
+
+    # --reuse: the completed runs are compared again, not run again
+    again = subprocess.run([*cmd, "--reuse"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reusing") == 2 and "veth + bridge" not in again.stdout
+    redone = json.loads((out / "server-bottleneck" / "scenario.json").read_text())
+    for alg, row in redone["algorithms"].items():
+        assert row["time_to_target_s"] == result["algorithms"][alg]["time_to_target_s"]
 
 
 def test_interrupted_run_leaves_nothing_behind(tmp_path: Path) -> None:
