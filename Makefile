@@ -37,9 +37,10 @@ test-compose-tls: setup image
 test-swarm: setup image
 	$(BIN)/python -m pytest -q -s tests/system/test_swarm.py
 
-# Coordinator and peers on separate hosts: Linux network namespaces (needs root and iproute2).
+# Coordinator and peers on separate hosts: Linux network namespaces (needs root and iproute2);
+# test_scenario: bench/scenario.py end to end on a tiny run.
 test-multihost: setup
-	$(BIN)/python -m pytest -q -s tests/system/test_multihost.py
+	$(BIN)/python -m pytest -q -s tests/system/test_multihost.py tests/system/test_scenario.py
 
 bench-netns: setup
 	$(BIN)/python bench/netns_bench.py

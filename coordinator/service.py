@@ -14,6 +14,7 @@ import hmac
 import logging
 import math
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -451,6 +452,9 @@ class CoordinatorService(rpc.CoordinatorServicer):
             "num_samples": request.num_samples,
             "experts_fetched": request.experts_fetched,
             "seconds": round(request.seconds, 4),
+            # Wall clock (coordinator, Unix seconds) when the report arrived: time-to-accuracy
+            # across runs (bench/scenario.py) needs when, not only how long.
+            "reported_at": round(time.time(), 3),
             "train_seconds": round(request.train_seconds, 4),
             "exchange_seconds": round(request.exchange_seconds, 4),
             "phase_seconds": {

@@ -280,3 +280,27 @@ def write_plots(runs: list[Run], out: Path, dpi: int = DPI) -> list[Path]:
         return paths
     except OSError as e:
         raise SystemExit(f"report: cannot write plots to {out}: {e}") from None
+
+
+def accuracy_vs_time_figure(
+    lines: dict[str, list[tuple[float, float]]],
+    target: float | None,
+    title: str,
+    metric: str = "accuracy",
+) -> Figure:
+    """Mean accuracy against wall-clock seconds, one line per algorithm (bench/scenario.py),
+    with the target accuracy as a dashed line."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, points) in enumerate(lines.items()):
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=3, color=run_colour(i), label=name)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    ax.set_xlabel("wall-clock seconds since the first round started")
+    ax.set_ylabel(f"mean {metric} over peers")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig

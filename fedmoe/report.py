@@ -165,6 +165,32 @@ def format_phase_table(names: list[str], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def round_overhead(records: list[dict]) -> dict[str, float] | None:
+    """Shares of the peers' round seconds (summed over all records with phases) spent outside
+    `train` and `evaluate`: in all, in `wait_for_plan` (mostly waiting for slower peers to
+    finish training) and in the rest (upload, fetch, merge, report, ... and untimed gaps).
+    None when no record has phases or no time passed."""
+    timed = [r for r in records if r.get("phase_seconds")]
+    total = sum(r["seconds"] for r in timed)
+    if not timed or total <= 0:
+        return None
+    work = sum(r["phase_seconds"].get(n, 0.0) for r in timed for n in ("train", "evaluate"))
+    wait = sum(r["phase_seconds"].get("wait_for_plan", 0.0) for r in timed)
+    outside = max(0.0, total - work)
+    return {
+        "outside": outside / total,
+        "wait_for_plan": wait / total,
+        "rest": max(0.0, outside - wait) / total,
+    }
+
+
+def format_overhead(share: dict[str, float]) -> str:
+    return (
+        f"outside train and evaluate: {share['outside']:.1%} of the peers' round time "
+        f"(wait_for_plan {share['wait_for_plan']:.1%}, the rest {share['rest']:.1%})"
+    )
+
+
 def print_report(run_dir: Path, as_json: bool = False) -> int:
     summary_path = run_dir / "summary.json"
     summary = _load_json_object(summary_path)
@@ -179,6 +205,9 @@ def print_report(run_dir: Path, as_json: bool = False) -> int:
     if phases:
         print()
         print(format_phase_table(names, phases))
+        share = round_overhead(records)
+        if share:
+            print(format_overhead(share))
     if summary:
         acc, gacc = summary["final_accuracy_mean"], summary["final_global_accuracy_mean"]
         val = summary.get("final_val_accuracy_mean")  # absent in runs from before it existed

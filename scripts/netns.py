@@ -22,6 +22,11 @@ Two link backends (`link=`):
   switch needs few syscalls.
 * "auto" (default): "veth", unless a delay is asked for and the kernel has no netem: "wire".
 
+Per-host rates (`host_rates={name: (egress, ingress)}`, veth only): a host's egress rate replaces
+`rate` on its eth0; its ingress rate shapes what the bridge sends to it (a tbf on its bridge port
+`fm-<name>-h`, in the switch namespace), so a host's downlink can be narrower than its senders'
+uplinks (a server bottleneck). Either may be None (egress: `rate`; ingress: unshaped).
+
 Both directions of every host link are shaped: A -> B leaves A's eth0 through A's shaper, B -> A
 through B's. `delay` is one-way, so the round-trip time between two hosts is 2 x delay. `limit`
 is the buffer in front of each shaped link, in packets of MTU size (default 1000, netem's
@@ -202,6 +207,7 @@ class Topology:
         link: str = "auto",
         bridge_in_root: bool = False,
         force: bool = False,
+        host_rates: dict[str, tuple[str | None, str | None]] | None = None,
     ) -> None:
         if not names:
             raise ValueError("need at least one host")
@@ -226,6 +232,16 @@ class Topology:
             parse_time(delay)
         if bridge_in_root and link == "wire":
             raise ValueError("bridge_in_root applies to the veth link only")
+        host_rates = dict(host_rates or {})
+        for n, pair in host_rates.items():
+            if n not in names:
+                raise ValueError(f"host_rates names {n!r}, not a host of {names}")
+            for r in pair:
+                if r:
+                    parse_rate(r)
+        if host_rates and link == "wire":
+            raise ValueError("host_rates apply to the veth link only")
+        self.host_rates = host_rates
         self.names = list(names)
         self.rate, self.delay = rate, delay
         self.limit = limit or DEFAULT_LIMIT
@@ -283,6 +299,8 @@ class Topology:
     def up(self) -> Topology:
         if self.link == "auto":
             self.link = "wire" if self.delay and not netem_available(self.prefix) else "veth"
+            if self.host_rates and self.link == "wire":
+                raise NetnsError("host_rates need the veth link, and a delay on it needs netem")
         ours = {self.netns(n) for n in self.names} | {self.switch_ns}
         taken = set(list_netns(self.prefix)) & ours
         taken |= set(list_root_links(self.prefix)) & (
@@ -352,32 +370,47 @@ class Topology:
                 _sh(["ip", "link", "set", port, "addrgenmode", "none"])
             self._ip_sw("link", "set", port, "master", self.bridge)
             self._ip_sw("link", "set", port, "up")
-            if qdisc:
-                _sh(["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", *qdisc])
+            egress, ingress = self.host_rates.get(name, (None, None))
+            own = self._veth_qdisc(egress) if egress else qdisc
+            if own:
+                _sh(["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", *own])
+            if ingress:  # the bridge's egress towards this host: the host's downlink
+                pre = ["tc"] if self.bridge_in_root else ["tc", "-n", self.switch_ns]
+                _sh([*pre, "qdisc", "add", "dev", port, "root", *self._tbf(ingress)])
+        if self.host_rates:
+            base = "" if self.shaper == "none" else f"{self.shaper}; "
+            self.shaper = f"{base}tbf per host (egress/ingress): " + ", ".join(
+                f"{n} {e or self.rate or '-'}/{i or '-'}" for n, (e, i) in self.host_rates.items()
+            )
 
-    def _veth_qdisc(self) -> list[str]:
-        if not (self.rate or self.delay):
+    def _veth_qdisc(self, rate: str | None = None) -> list[str]:
+        """The egress qdisc at `rate` (default: the topology's rate) and the delay."""
+        rate = rate or self.rate
+        if not (rate or self.delay):
             return []
         if netem_available(self.prefix):
             q = ["netem"]
-            q += ["rate", self.rate] if self.rate else []
+            q += ["rate", rate] if rate else []
             q += ["delay", self.delay] if self.delay else []
             # netem's limit also covers packets in the delay line: add rate x delay of them,
             # so that `limit` means the buffer in front of the link, as for the wire switch.
             inflight = 0
-            if self.rate and self.delay:
-                inflight = math.ceil(parse_rate(self.rate) / 8 * parse_time(self.delay) / MTU_FRAME)
+            if rate and self.delay:
+                inflight = math.ceil(parse_rate(rate) / 8 * parse_time(self.delay) / MTU_FRAME)
             q += ["limit", str(self.limit + inflight)]
         elif self.delay:
             raise NetnsError("no sch_netem in this kernel: a delay needs link='wire'")
         else:
-            # tbf: burst must hold a whole 64 KB TSO frame (else tbf segments it), limit in bytes.
-            assert self.rate
-            burst = max(131072, int(parse_rate(self.rate) / 8 / 1000))  # >= 1 ms at rate
-            q = ["tbf", "rate", self.rate, "burst", str(burst)]
-            q += ["limit", str(self.limit * MTU_FRAME)]
-        self.shaper = " ".join(q)
+            assert rate
+            q = self._tbf(rate)
+        if rate == self.rate:
+            self.shaper = " ".join(q)
         return q
+
+    def _tbf(self, rate: str) -> list[str]:
+        # tbf: burst must hold a whole 64 KB TSO frame (else tbf segments it), limit in bytes.
+        burst = max(131072, int(parse_rate(rate) / 8 / 1000))  # >= 1 ms at rate
+        return ["tbf", "rate", rate, "burst", str(burst), "limit", str(self.limit * MTU_FRAME)]
 
     def _build_wire(self) -> None:
         cmd = ["ip", "netns", "exec", self.switch_ns, sys.executable, os.path.abspath(__file__),

@@ -15,7 +15,7 @@ from fedmoe.common.accounting import PHASES
 from fedmoe.common.proto import pb
 from fedmoe.coordinator.service import _check_report
 from fedmoe.peer.runner import PhaseTimer
-from fedmoe.report import format_phase_table, phase_table
+from fedmoe.report import format_phase_table, phase_table, round_overhead
 
 FEDMOE = [sys.executable, "-m", "fedmoe.cli"]
 # Rounding to 4 decimals in the record, per phase and for the total.
@@ -64,6 +64,24 @@ def test_report_shows_the_phase_table(run_dir: Path) -> None:
     assert head[:4] == ["round", "peers", "train", "upload"]
     assert "wait_for_plan" in head and "fetch" in head and "evaluate" in head
     assert lines[at + 3].split()[:2] == ["1", "2"] and lines[at + 4].split()[:2] == ["2", "2"]
+    assert lines[at + 5].startswith("outside train and evaluate: ")
+
+
+def test_round_overhead_shares_of_the_round_outside_train_and_evaluate() -> None:
+    def rec(seconds: float, **phases: float) -> dict:
+        return {"seconds": seconds, "phase_seconds": phases}
+
+    records = [
+        rec(10.0, train=6.0, upload=0.5, wait_for_plan=1.0, evaluate=2.0),  # 0.5 s untimed
+        rec(10.0, train=7.0, upload=0.5, evaluate=2.5),
+        {"seconds": 99.0, "phase_seconds": {}},  # an older record without phases: left out
+    ]
+    share = round_overhead(records)
+    assert share is not None
+    assert share["outside"] == pytest.approx(2.5 / 20)  # 20 s of rounds, 17.5 s train+evaluate
+    assert share["wait_for_plan"] == pytest.approx(1.0 / 20)
+    assert share["rest"] == pytest.approx(1.5 / 20)
+    assert round_overhead(records[2:]) is None
 
 
 def test_phase_timer_adds_up_disjoint_phases() -> None:
