@@ -215,7 +215,12 @@ class _Host:
             runner.run(reply.start_round)
         except grpc.RpcError as e:
             raise SystemExit(f"{name}: {e.code().name}: {e.details()}") from e
-        except (DataError, BadAggregate, PluginError, EmbeddingInitError) as e:  # PluginError: --model
+        except (
+            DataError,
+            BadAggregate,
+            PluginError,
+            EmbeddingInitError,
+        ) as e:  # PluginError: --model
             raise SystemExit(f"{name}: {e}") from e
         finally:
             if data_pending:
