@@ -356,27 +356,6 @@ OPTIONS: tuple[Option, ...] = (
         _between(0.0, 0.5),
         "must be in [0, 0.5]",
     ),
-    # plug-ins (issue #14; docs/PLUGINS.md)
-    Option(
-        "model",
-        "--model",
-        str,
-        "",
-        "embedding network plug-in MODULE:FUNCTION (default: the built-in CNN/MLP); every "
-        "process must be able to import it",
-        lambda v, _: v == "" or is_plugin_spec(v),
-        f"must be {SPEC_FORM}",
-    ),
-    Option(
-        "model_weights",
-        "--model-weights",
-        str,
-        "",
-        "local file of pre-trained weights handed to the --model factory (config key "
-        "model_weights; never downloaded)",
-        lambda v, cfg: v == "" or cfg.model != "",
-        "needs --model (the built-in networks load no weights)",
-    ),
     # pre-trained embedding (issue #10 item 7; docs/EMBEDDING_OPTIONS.md)
     Option(
         "embedding_init",
@@ -402,6 +381,27 @@ OPTIONS: tuple[Option, ...] = (
         "float32",
         "dtype of the embedding on its way to and from the coordinator (peers train in float32)",
         enum=EMBEDDING_WIRE_DTYPES,
+    ),
+    # plug-ins (issue #14; docs/PLUGINS.md)
+    Option(
+        "model",
+        "--model",
+        str,
+        "",
+        "embedding network plug-in MODULE:FUNCTION (default: the built-in CNN/MLP); every "
+        "process must be able to import it",
+        lambda v, _: v == "" or is_plugin_spec(v),
+        f"must be {SPEC_FORM}",
+    ),
+    Option(
+        "model_weights",
+        "--model-weights",
+        str,
+        "",
+        "local file of pre-trained weights handed to the --model factory (config key "
+        "model_weights; never downloaded)",
+        lambda v, cfg: v == "" or cfg.model != "",
+        "needs --model (the built-in networks load no weights)",
     ),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
