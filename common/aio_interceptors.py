@@ -9,6 +9,8 @@ The peers' servers stay sync."""
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -133,8 +135,11 @@ class AioCountingServerInterceptor(grpc.aio.ServerInterceptor):
         return counted
 
 
-async def _deny(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+async def _deny(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+    yield  # unreachable: abort raises; the yield makes this a response stream
 
 
 _DENY = grpc.stream_stream_rpc_method_handler(_deny)
@@ -197,8 +202,12 @@ class AioRefusalInterceptor(grpc.aio.ServerInterceptor):
     def _stream(self, behavior: Callable[..., Any], streaming_in: bool) -> Callable[..., Any]:
         async def watched(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                async for message in behavior(request, context):
-                    yield message
+                responses = behavior(request, context)
+                if inspect.isasyncgen(responses):
+                    async for message in responses:
+                        yield message
+                else:  # a coroutine that writes with context.write
+                    await responses
             finally:
                 self.watcher._note(context, None if streaming_in else request)
 

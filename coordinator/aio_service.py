@@ -63,6 +63,9 @@ BOOK_THREADS = 4
 # cannot get a slot in SENDER_WAIT_SECONDS (slots held by readers that stopped reading) goes on
 # without one, so stalled readers can slow the delivery but never stop it.
 DELIVERIES = 16
+# A waiting call re-checks at least this often even without a wake-up from the book: a bound on
+# what a missed wake-up could cost (one cheap lock-free check per held call per second).
+RECHECK_SECONDS = 1.0
 
 
 class _Aborted(Exception):
@@ -183,7 +186,7 @@ class AioCoordinatorService(rpc.CoordinatorServicer):
             if left <= 0:
                 return None
             try:
-                await asyncio.wait_for(changed.wait(), left)
+                await asyncio.wait_for(changed.wait(), min(left, RECHECK_SECONDS))
             except asyncio.TimeoutError:
                 pass
 
