@@ -10,7 +10,6 @@ The peers' servers stay sync."""
 from __future__ import annotations
 
 import inspect
-
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
