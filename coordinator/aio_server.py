@@ -7,8 +7,12 @@ kept for A/B measurements (bench/scale.py) and as a fallback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -28,6 +32,35 @@ from fedmoe.coordinator.rounds import RoundBook
 # not held for 5 ms at each turn.
 SWITCH_INTERVAL_SECONDS = 0.001
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# The loop's lag is sampled this often (how late a timer fires: how long a call that arrives
+# now waits for the loop's next turn); the last LAG_SAMPLES are kept, logged at the end.
+LAG_PROBE_SECONDS = 0.01
+LAG_SAMPLES = 1 << 16
+log = logging.getLogger("fedmoe.coordinator")
+
+
+class LagProbe:
+    """Samples the event loop's lag; `summary()` is what the coordinator logs at its end (and
+    bench/scale.py reads from its log: the server's side of a heartbeat's latency)."""
+
+    def __init__(self) -> None:
+        self.lags: deque[float] = deque(maxlen=LAG_SAMPLES)
+
+    async def run(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(LAG_PROBE_SECONDS)
+            self.lags.append(max(0.0, time.perf_counter() - started - LAG_PROBE_SECONDS))
+
+    def summary(self) -> str:
+        lags = sorted(self.lags)
+        if not lags:
+            return "event loop lag: no samples"
+        pick = lambda q: 1000 * lags[min(len(lags) - 1, int(q * len(lags)))]  # noqa: E731
+        return (
+            f"event loop lag ms: p50 {pick(0.5):.1f} p99 {pick(0.99):.1f} "
+            f"max {1000 * lags[-1]:.1f} ({len(lags)} samples)"
+        )
 
 
 class _LoopThread:
@@ -62,6 +95,7 @@ class AioServing:
         self.service = AioCoordinatorService(book, token, tls=tls is not None)
         self.told_finished = self.service.told_finished
         self.health = health.aio.HealthServicer()
+        self.probe = LagProbe()
         sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
         self._loop = _LoopThread()
 
@@ -77,6 +111,7 @@ class AioServing:
             enable_reflection(server, ("fedmoe.v1.Coordinator", health.SERVICE_NAME))
             port = add_port(server, listen, tls)  # RuntimeError when it cannot listen
             await server.start()
+            self._probing = asyncio.ensure_future(self.probe.run())
             return server, port
 
         try:
@@ -90,9 +125,16 @@ class AioServing:
         self._loop.run(self.health.set("", SERVING))
         self._loop.run(self.health.set("fedmoe.v1.Coordinator", SERVING))
 
+    async def _stop_probe(self) -> None:
+        self._probing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._probing
+
     def stop(self, grace: float) -> None:
         """Health says NOT_SERVING; calls in progress get `grace` seconds; then the loop ends."""
+        log.info("%s", self.probe.summary())
         self._loop.run(self.health.enter_graceful_shutdown())
         self._loop.run(self.server.stop(grace))
+        self._loop.run(self._stop_probe())
         self._loop.close()
         self.service.close()

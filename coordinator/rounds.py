@@ -163,6 +163,7 @@ class RoundBook:
         # alive() and left(), as every heartbeat returns them: O(N) to build, so built once and
         # dropped on every change of membership or liveness (join, revival) and at every tick.
         self._views: dict[tuple[Any, ...], Any] = {}
+        self._last_left: list[str] | None = None  # left() while the lock is taken (see there)
         self.log = EventLog()
         self.membership = Membership(cfg, clock, self.log)
         self.ledger = ReportLedger(cfg.rounds, cfg.round_timeout)
@@ -293,18 +294,20 @@ class RoundBook:
 
     def left(self, block: bool = True) -> list[str] | None:
         """Members no longer alive (silent past peer_timeout); usually none. Without `block`,
-        None when the view must be built and another thread holds the lock."""
+        when the view must be built and another thread holds the lock: the last one built
+        (a tick or a change old; None before the first), not a wait behind a round close."""
         view = self._views.get(("left",))  # lock-free when built, like alive()
         if view is None:
             # Built by the first caller after a change, not by every waiter.
             if not self._cv.acquire(blocking=block):
-                return None
+                return self._last_left
             try:
                 view = self._views.get(("left",))
                 if view is None:
                     view = self._views[("left",)] = sorted(
                         p for p, m in self.members.items() if not m.alive
                     )
+                    self._last_left = view
             finally:
                 self._cv.release()
         return view

@@ -150,7 +150,11 @@ def test_heartbeats_are_answered_while_the_book_is_locked(served: Served) -> Non
     book: RoundBook = served.book
     with book._cv:  # as a round close holds it for its aggregate
         reply = served.stub.Heartbeat(beat, metadata=session(a), timeout=10)
+        book._views.clear()  # as a tick does: the `left` view is the last one built
+        again = served.stub.Heartbeat(beat, metadata=session(a), timeout=10)
     assert reply.open_round == 1 and not reply.run_finished
+    assert list(again.left) == [] and again.open_round == 1
+    assert "event loop lag ms: p50" in served.serving.probe.summary()
 
 
 def test_refusals_keep_their_codes(served: Served) -> None:
