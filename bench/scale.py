@@ -14,7 +14,8 @@ heartbeat_p99_ms (client-side latency of every heartbeat during the run), round_
 plan_seconds (strategy time of the slowest sync round, from the coordinator's summary.json
 `round_timings`, or timed here on the same shapes: see plan_seconds_source; the same timed
 here in an idle process is plan_seconds_isolated),
-coordinator_rss_mb (VmHWM), coordinator_cpu_seconds, coordinator_threads_max, rounds,
+coordinator_rss_mb (VmHWM), coordinator_cpu_seconds, coordinator_threads_max,
+coordinator_loop_lag_ms (the aio server's event-loop lag, p50/p99/max, from its log), rounds,
 total_seconds, errors. --py-spy BIN or --cprofile profile the coordinator (files in --out).
 
 Channels are connected before the first Join is sent (all workers start together on a "GO"
@@ -31,6 +32,7 @@ import os
 import platform
 import queue
 import random
+import re
 import secrets
 import shlex
 import subprocess
@@ -384,6 +386,19 @@ def plan_seconds_in_process(args: argparse.Namespace) -> float:
     return best
 
 
+LOOP_LAG = re.compile(r"event loop lag ms: p50 ([\d.]+) p99 ([\d.]+) max ([\d.]+)")
+
+
+def loop_lag(log: Path) -> dict[str, float] | None:
+    """The aio coordinator's event-loop lag (coordinator/aio_server.LagProbe), from its log:
+    how long a call waited for the loop's next turn, the server's side of a heartbeat's
+    latency. None for the thread-pool server."""
+    found = LOOP_LAG.search(log.read_text(errors="replace")) if log.exists() else None
+    if found is None:
+        return None
+    return dict(zip(("p50", "p99", "max"), map(float, found.groups()), strict=True))
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fedmoe-scale-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -531,6 +546,7 @@ def summarize(
         "coordinator_rss_mb": round(watch.hwm_kb / 1024, 1),
         "coordinator_cpu_seconds": round(watch.cpu_seconds, 2),
         "coordinator_threads_max": watch.threads,
+        "coordinator_loop_lag_ms": loop_lag(out / "coordinator.log"),
         "rounds": len(close),
         "total_seconds": round(finished - started, 3),
         "train_seconds": args.train_seconds,

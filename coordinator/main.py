@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -28,6 +29,7 @@ from fedmoe.common.telemetry import (
 from fedmoe.common.tls import TlsFiles, add_port
 from fedmoe.common.wire_counters import METHOD, WireMeter
 from fedmoe.common.wire_counters import detect as detect_interfaces
+from fedmoe.coordinator.aio_server import AioServing
 from fedmoe.coordinator.board import RoundBoard
 from fedmoe.coordinator.checkpoint import CoordinatorCheckpoint
 from fedmoe.coordinator.results import RunResults
@@ -37,6 +39,53 @@ from fedmoe.coordinator.strategies import make_strategy
 
 log = logging.getLogger("fedmoe.coordinator")
 TICK_SECONDS = 0.25
+# Which gRPC server serves the coordinator: "aio" (one event loop, coordinator/aio_server.py)
+# or "threads" (a thread per call, as before; kept for A/B measurements and as a fallback).
+SERVER_ENV = "FEDMOE_COORDINATOR_SERVER"
+SERVER_KINDS = ("aio", "threads")
+
+
+def server_kind() -> str:
+    kind = os.environ.get(SERVER_ENV, "aio") or "aio"
+    if kind not in SERVER_KINDS:
+        raise SystemExit(f"coordinator: {SERVER_ENV}={kind!r}: must be one of {SERVER_KINDS}")
+    return kind
+
+
+class ThreadServing:
+    """The Coordinator, health and (gated) reflection services on a thread-pool server."""
+
+    def __init__(
+        self,
+        book: RoundBook,
+        token: str,
+        listen: str,
+        tls: TlsFiles | None,
+        interceptors: list[grpc.ServerInterceptor],
+        workers: int,
+    ) -> None:
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+            options=SERVER_OPTIONS,
+            maximum_concurrent_rpcs=workers,
+            interceptors=interceptors,
+        )
+        service = CoordinatorService(book, token, tls=tls is not None)
+        self.told_finished = service.told_finished
+        rpc.add_CoordinatorServicer_to_server(service, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        enable_reflection(self.server, ("fedmoe.v1.Coordinator", health.SERVICE_NAME))
+        self.port = add_port(self.server, listen, tls)  # RuntimeError when it cannot listen
+        self.server.start()
+
+    def serving(self) -> None:
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("fedmoe.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace=grace).wait()
 
 
 def wire_summary(wire: WireMeter, by_round: dict[int, dict[str, int]], records: list[dict]) -> dict:
@@ -189,33 +238,25 @@ def run_coordinator(
         watched = ("fedmoe.v1.Coordinator", *REFLECTION_SERVICES)
         interceptors.insert(0, RefusalInterceptor(watched, telemetry.refused))
         telemetry.watch_own_bytes(counter.totals)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        options=SERVER_OPTIONS,
-        maximum_concurrent_rpcs=workers,
-        interceptors=interceptors,
-    )
-    service = CoordinatorService(book, token, tls=tls is not None)
-    rpc.add_CoordinatorServicer_to_server(service, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server, ("fedmoe.v1.Coordinator", health.SERVICE_NAME))
+    kind = server_kind()
     try:
-        port = add_port(server, listen, tls)
+        serving: ThreadServing | AioServing = (ThreadServing if kind == "threads" else AioServing)(
+            book, token, listen, tls, interceptors, workers
+        )
     except RuntimeError as e:
         raise SystemExit(f"coordinator: cannot listen on {listen}: {e}") from e
+    port = serving.port
+    log.info("serving on a %s gRPC server", kind)
     if tls is None and not is_loopback_listen(listen):
         log.warning("listening on %s without TLS: traffic is not encrypted (use --tls)", listen)
     if telemetry is not None:
         assert metrics is not None
         telemetry.tick(book.open_round, book.reported_round, len(book.alive()))
         _serve_metrics(telemetry, metrics)
-    server.start()
     host = listen.rsplit(":", 1)[0]
     # The launcher reads this line to learn the port when --listen asked for port 0.
     print(f"FEDMOE_LISTENING {host}:{port}", flush=True)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("fedmoe.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
+    serving.serving()
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -234,13 +275,12 @@ def run_coordinator(
         # Peers that sat out the last round learn that the run is over from a heartbeat reply:
         # keep answering until every live one has heard it (bounded by three heartbeats).
         final = set(book.reported(cfg.rounds))
-        waiting = lambda: set(book.alive()) - final - service.told_finished  # noqa: E731
+        waiting = lambda: set(book.alive()) - final - serving.told_finished  # noqa: E731
         linger_until = time.monotonic() + 3 * heartbeat_ms(cfg) / 1000
         while waiting() and time.monotonic() < linger_until and not stop.wait(TICK_SECONDS / 5):
             pass
-    health_servicer.enter_graceful_shutdown()
     # Let held final acks reach their peers before the server goes away.
-    server.stop(grace=10).wait()
+    serving.stop(grace=10)
     if telemetry is not None:
         telemetry.close()
     if board is not None:

@@ -128,6 +128,20 @@ class ClosedRound:
         return cls(outcome, d["participants"], tickets, now)
 
 
+class _Condition(threading.Condition):
+    """The book's condition; every notify_all also calls the listeners, so that waiters outside
+    the book's threads (the asyncio service, coordinator/aio_service.py) learn of a change."""
+
+    def __init__(self, listeners: list[Callable[[], None]]) -> None:
+        super().__init__()
+        self._listeners = listeners
+
+    def notify_all(self) -> None:
+        super().notify_all()
+        for listener in self._listeners:
+            listener()
+
+
 class Persistence(Protocol):
     def save_update(self, round_: int, update: PeerUpdate) -> None: ...
     def drop_updates(self, round_: int) -> None: ...
@@ -150,10 +164,13 @@ class RoundBook:
         self.persist = persist
         self.clock = clock
         self.uploads = coordinated(cfg)  # local: rounds end with the reports alone
-        self._cv = threading.Condition()
+        # Called (under the lock) on every change a waiter could be waiting for.
+        self.listeners: list[Callable[[], None]] = []
+        self._cv = _Condition(self.listeners)
         # alive() and left(), as every heartbeat returns them: O(N) to build, so built once and
         # dropped on every change of membership or liveness (join, revival) and at every tick.
         self._views: dict[tuple[Any, ...], Any] = {}
+        self._last_left: list[str] | None = None  # left() while the lock is taken (see there)
         self.log = EventLog()
         self.membership = Membership(cfg, clock, self.log)
         self.ledger = ReportLedger(cfg.rounds, cfg.round_timeout)
@@ -245,14 +262,21 @@ class RoundBook:
         with self._cv:
             self._cv.notify_all()
 
-    def heartbeat(self, member: Member) -> None:
+    def heartbeat(self, member: Member, block: bool = True) -> bool:
+        """Note a heartbeat. Without `block`, False (nothing done) when it needs the lock (a
+        silent member revived) and another thread holds it."""
         if member.alive:  # the common case: one attribute write, no lock
             member.last_seen = self.clock()
-            return
-        with self._cv:
+            return True
+        if not self._cv.acquire(blocking=block):
+            return False
+        try:
             if self.membership.seen(member, self.open_round):
                 self._views.clear()
                 self._cv.notify_all()
+        finally:
+            self._cv.release()
+        return True
 
     def reported(self, round_: int) -> list[str]:
         """Members that have reported `round_` (or never will): their fetches for it are over.
@@ -275,16 +299,24 @@ class RoundBook:
         requesters = closed.orders.get(source, {}) if closed else {}
         return [p for p in sorted(requesters) if self._done_with(p, round_)]
 
-    def left(self) -> list[str]:
-        """Members no longer alive (silent past peer_timeout); usually none."""
+    def left(self, block: bool = True) -> list[str] | None:
+        """Members no longer alive (silent past peer_timeout); usually none. Without `block`,
+        when the view must be built and another thread holds the lock: the last one built
+        (a tick or a change old; None before the first), not a wait behind a round close."""
         view = self._views.get(("left",))  # lock-free when built, like alive()
         if view is None:
-            with self._cv:  # built by the first caller after a change, not by every waiter
+            # Built by the first caller after a change, not by every waiter.
+            if not self._cv.acquire(blocking=block):
+                return self._last_left
+            try:
                 view = self._views.get(("left",))
                 if view is None:
                     view = self._views[("left",)] = sorted(
                         p for p, m in self.members.items() if not m.alive
                     )
+                    self._last_left = view
+            finally:
+                self._cv.release()
         return view
 
     def alive(self) -> list[str]:
@@ -433,10 +465,13 @@ class RoundBook:
         self.closed.pop(round_ - 2, None)  # every participant has moved past it by now
         self.participants[round_] = peers
         self.closed_at[round_] = self.clock()
-        self.updates = {}
         if any(n.startswith("embedding.") for n in outcome.shared):
             self.embedding_version = round_
+        # In this order for the lock-free readers (outcome_now, latest_now): the outcome and
+        # the version are in place before closed_round advances, and the uploads are dropped
+        # only after it, so a reader never sees the round open without this member's upload.
         self.closed_round = round_
+        self.updates = {}
         self.round_opened_at = self.clock()
         self._save()
         if self.persist:
@@ -457,37 +492,57 @@ class RoundBook:
         cancelled: threading.Event | None = None,
     ) -> tuple[ClosedRound, int]:
         """Block until `round_` is closed; returns it and the embedding version."""
-        self.check_round(round_)
+        self._check_outcome_round(round_)
         limit = self._limit(wait_seconds)
-        if round_ > self.open_round:
-            raise Refused(Reason.WRONG_TIME, f"round {round_} has not opened yet")
         with self._cv:
             ok = self._cv.wait_for(
                 lambda: (
-                    self.closed_round >= round_
-                    or self.failure is not None
-                    or (round_ == self.open_round and member.peer_id not in self.updates)
+                    self._outcome_ready(member, round_)
                     or (cancelled is not None and cancelled.is_set())
                 ),
                 timeout=limit,
             )
             if cancelled is not None and cancelled.is_set():
                 raise Refused(Reason.CANCELLED, "the call was cancelled")
-            if self.failure is not None:
-                raise Refused(Reason.RUN_FAILED, f"the run failed: {self.failure}")
-            if not ok:
+            if not ok and self.failure is None:
                 raise Refused(Reason.TIMED_OUT, f"round {round_} did not close in {limit:.0f} s")
-            if self.closed_round < round_:
-                raise Refused(
-                    Reason.NOTHING_THERE, f"no upload from you for round {round_}: resubmit"
-                )
-            closed = self.closed.get(round_)
-            if closed is None or member.peer_id not in closed.participants:
-                raise Refused(
-                    Reason.WRONG_TIME,
-                    f"you are not a participant of round {round_} (late); catch up",
-                )
-            return closed, self.embedding_version
+            return self._outcome(member, round_)
+
+    def outcome_now(self, member: Member, round_: int) -> tuple[ClosedRound, int] | None:
+        """`wait_outcome` without waiting and without the lock: its result or refusal, None
+        while the round is not closed. Plain reads suffice: `_close` stores the outcome and the
+        embedding version before it advances `closed_round` (and drops the uploads after), and
+        a failure is one attribute."""
+        self._check_outcome_round(round_)
+        if not self._outcome_ready(member, round_):
+            return None
+        return self._outcome(member, round_)
+
+    def _check_outcome_round(self, round_: int) -> None:
+        self.check_round(round_)
+        if round_ > self.open_round:
+            raise Refused(Reason.WRONG_TIME, f"round {round_} has not opened yet")
+
+    def _outcome_ready(self, member: Member, round_: int) -> bool:
+        return (
+            self.closed_round >= round_
+            or self.failure is not None
+            or (round_ == self.open_round and member.peer_id not in self.updates)
+        )
+
+    def _outcome(self, member: Member, round_: int) -> tuple[ClosedRound, int]:
+        """What a result wait that has ended gets (its condition holds, or a failure)."""
+        if self.failure is not None:
+            raise Refused(Reason.RUN_FAILED, f"the run failed: {self.failure}")
+        if self.closed_round < round_:
+            raise Refused(Reason.NOTHING_THERE, f"no upload from you for round {round_}: resubmit")
+        closed = self.closed.get(round_)
+        if closed is None or member.peer_id not in closed.participants:
+            raise Refused(
+                Reason.WRONG_TIME,
+                f"you are not a participant of round {round_} (late); catch up",
+            )
+        return closed, self.embedding_version
 
     def latest(
         self,
@@ -516,6 +571,23 @@ class RoundBook:
             closed = self.closed.get(self.closed_round)
             shared = closed.outcome.shared if closed else {}
             return self.closed_round, self.embedding_version, shared
+
+    def latest_now(self, after_round: int = 0) -> tuple[int, int, dict[str, np.ndarray]] | None:
+        """`latest` without waiting and without the lock: its result or refusal, None while
+        `after_round` is not closed (plain reads, in `_close`'s order; see `outcome_now`)."""
+        if after_round > self.cfg.rounds:
+            raise Refused(Reason.BAD_REQUEST, f"round {after_round} is past the run's end")
+        if self.failure is not None and after_round:
+            raise Refused(Reason.RUN_FAILED, f"the run failed: {self.failure}")
+        for _ in range(3):  # a close between the reads: read again (closes are seconds apart)
+            round_ = self.closed_round
+            if round_ < after_round:
+                return None
+            version, closed = self.embedding_version, self.closed.get(round_)
+            if version <= round_ and self.closed_round == round_:
+                break
+        shared = closed.outcome.shared if closed else {}
+        return round_, version, shared
 
     # ------------------------------------------------------------------ metrics
 
@@ -597,6 +669,13 @@ class RoundBook:
             if self.failure is not None:
                 raise Refused(Reason.RUN_FAILED, f"the run failed: {self.failure}")
             return ok
+
+    def run_finished_now(self) -> bool | None:
+        """`wait_run_finished` without waiting: True once finished, None until then; a failed
+        run is refused. Plain reads, no lock."""
+        if self.failure is not None:
+            raise Refused(Reason.RUN_FAILED, f"the run failed: {self.failure}")
+        return True if self.finished else None
 
     # ------------------------------------------------------------------ time passes
 

@@ -63,6 +63,8 @@ MAX_HEARTBEATS_PER_SECOND = 200
 # GetStatus calls served at once, all callers together: a status caller is no member, so there
 # is no identity to cap per caller; a handful is plenty for people polling a run.
 STATUS_CALLS = 4
+NOT_FINISHED = "other peers did not finish the last round"
+INVALID_TOKEN = "invalid join token for this run"
 
 
 def heartbeat_ms(cfg: pb.RunConfig) -> int:
@@ -247,7 +249,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         if not hmac.compare_digest(
             _metadata(context, TOKEN_METADATA).encode(), self.token.encode()
         ):
-            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "invalid join token for this run")
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, INVALID_TOKEN)
         index, any_index = request.index, request.any_index
         if self.tls:
             name = peer_identity(context.auth_context() or {})
@@ -328,13 +330,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         try:
             self.book.check_round(header.round)
             # Names, shapes and dtype are checked per chunk, before any buffer is allocated.
-            prefixes = upload_prefixes(self.cfg, header.round)
-            expected = {
-                n: TensorSpec(shape, frozenset({wire_dtype(self.cfg, n)}))
-                for n, shape in self.book.schema.items()
-                if prefixes and n.startswith(prefixes)
-            }
-            assembler = TensorAssembler(expected=expected, require_all=False)
+            assembler = TensorAssembler(expected=self.upload_specs(header.round), require_all=False)
             for part in parts:  # waiting for the network here, outside the gate
                 if not part.HasField("chunk"):
                     raise WireError("a second header inside one update stream")
@@ -365,11 +361,18 @@ class CoordinatorService(rpc.CoordinatorServicer):
     def _round_result(
         self, member: Member, request: pb.RoundRequest, closed: Any, version: int
     ) -> Iterator[pb.RoundResultPart]:
+        plan = self.result_plan(member, request, closed, version)
+        yield from self._stream(plan, closed.outcome.shared)
+
+    def result_plan(
+        self, member: Member, request: pb.RoundRequest, closed: Any, version: int
+    ) -> pb.Plan:
+        """A participant's plan for a closed round: its rows, sources (with tickets), orders."""
         me = member.peer_id
         rows = closed.outcome.plans.get(me, {})
         sources = sorted({t.peer_id for terms in rows.values() for t in terms} - {me})
         orders = closed.orders.get(me, {})
-        plan = pb.Plan(
+        return pb.Plan(
             round=request.round,
             embedding_version=version,
             sync=closed.outcome.sync,
@@ -394,7 +397,6 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 for r, e in sorted(orders.items())
             ],
         )
-        yield from self._stream(plan, closed.outcome.shared)
 
     def GetLatestModel(
         self, request: pb.LatestRequest, context: grpc.ServicerContext
@@ -414,14 +416,26 @@ class CoordinatorService(rpc.CoordinatorServicer):
         yield from self._stream(pb.Plan(round=round_, embedding_version=version), shared)
 
     def _stream(self, plan: pb.Plan, shared: dict[str, Any]) -> Iterator[pb.RoundResultPart]:
-        first = pb.RoundResultPart(plan=plan)
-        yield first
+        yield pb.RoundResultPart(plan=plan)
+        yield from self.shared_parts(shared)
+
+    def upload_specs(self, round_: int) -> dict[str, TensorSpec]:
+        """What an upload for `round_` may hold: names, shapes and wire dtypes (both servers)."""
+        prefixes = upload_prefixes(self.cfg, round_)
+        return {
+            n: TensorSpec(shape, frozenset({wire_dtype(self.cfg, n)}))
+            for n, shape in self.book.schema.items()
+            if prefixes and n.startswith(prefixes)
+        }
+
+    def shared_parts(self, shared: dict[str, Any]) -> list[pb.RoundResultPart]:
+        """The aggregate's chunks, encoded on the first call for a round's aggregate."""
         cached = self._shared_parts
         if cached is None or cached[0] is not shared:  # a new round's aggregate
             wire = (numpy_to_wire(n, a, wire_dtype(self.cfg, n)) for n, a in sorted(shared.items()))
             parts = [pb.RoundResultPart(chunk=c) for c in chunk_tensors(wire, self.cfg.chunk_bytes)]
             self._shared_parts = cached = (shared, parts)  # a race only encodes it twice
-        yield from cached[1]
+        return cached[1]
 
     def ReportMetrics(
         self, request: pb.MetricsReport, context: grpc.ServicerContext
@@ -436,6 +450,22 @@ class CoordinatorService(rpc.CoordinatorServicer):
     def _report(
         self, member: Member, request: pb.MetricsReport, context: grpc.ServicerContext
     ) -> pb.MetricsAck:
+        ack, record = self.report_record(member, request)
+        try:
+            self.book.report(member, request.round, record)
+        except Refused as e:
+            _refuse(context, e)
+        if ack.run_finished:  # the last round
+            with self._blocking(context) as w:
+                finished = self.book.wait_run_finished(w.seconds, w.cancelled)
+            if not finished:
+                _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, NOT_FINISHED)
+        return ack
+
+    def report_record(
+        self, member: Member, request: pb.MetricsReport
+    ) -> tuple[pb.MetricsAck, dict[str, Any]]:
+        """The ack of a (checked) report and the record it adds to its round."""
         last = request.round == self.cfg.rounds
         ack = pb.MetricsAck(round=request.round, run_finished=last)
         # The report and its ack belong to this round's traffic too; the peer cannot count its
@@ -476,20 +506,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             if request.wire_measured
             else None,
         }
-        try:
-            self.book.report(member, request.round, record)
-        except Refused as e:
-            _refuse(context, e)
-        if last:
-            with self._blocking(context) as w:
-                finished = self.book.wait_run_finished(w.seconds, w.cancelled)
-            if not finished:
-                _abort(
-                    context,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "other peers did not finish the last round",
-                )
-        return ack
+        return ack, record
 
     # ------------------------------------------------------------------ `fedmoe status`
 
@@ -498,7 +515,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         small global cap, and one short read of the book (ids bounded, see RoundBook.status)."""
         given = _metadata(context, TOKEN_METADATA).encode()
         if not hmac.compare_digest(given, self.token.encode()):
-            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "invalid join token for this run")
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, INVALID_TOKEN)
         if not self._status_calls.acquire(blocking=False):
             _abort(
                 context,
@@ -506,9 +523,13 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 f"{STATUS_CALLS} status calls are already being served; try again",
             )
         try:
-            s = self.book.status()
+            return self.status_reply()
         finally:
             self._status_calls.release()
+
+    def status_reply(self) -> pb.StatusReply:
+        """One short read of the book (it takes the lock) and the reply built from it."""
+        s = self.book.status()
         return pb.StatusReply(
             run_id=self.cfg.run_id,
             algorithm=ALGORITHM_NAMES[self.cfg.algorithm],
