@@ -15,7 +15,8 @@ plan_seconds (strategy time of the slowest sync round, from the coordinator's su
 `round_timings`, or timed here on the same shapes: see plan_seconds_source; the same timed
 here in an idle process is plan_seconds_isolated),
 coordinator_rss_mb (VmHWM), coordinator_cpu_seconds, coordinator_threads_max,
-coordinator_loop_lag_ms (the aio server's event-loop lag, p50/p99/max, from its log), rounds,
+coordinator_loop_lag_ms (the aio server's event-loop lag, p50/p99/max, from its log),
+worker_loop_lag_ms (the same for the bench's own worker processes), rounds,
 total_seconds, errors. --py-spy BIN or --cprofile profile the coordinator (files in --out).
 
 Channels are connected before the first Join is sent (all workers start together on a "GO"
@@ -218,9 +219,27 @@ async def worker_main(
         except Exception as e:  # reported, not raised: the others go on
             p.error = f"{type(e).__name__}: {e}"
 
+    lags: list[float] = []
+    probe = asyncio.create_task(loop_lag_probe(lags))
     await asyncio.gather(*(guarded(p) for p in peers))
+    probe.cancel()
     await asyncio.gather(*(c.close() for c in channels))
+    # This worker's own event-loop lag: the part of its peers' heartbeat latency spent waiting
+    # for their own process, not for the coordinator.
+    print("LAG " + json.dumps([round(1000 * x, 3) for x in lags]), flush=True)
     print("RESULT " + json.dumps([p.result() for p in peers]), flush=True)
+
+
+LAG_PROBE_SECONDS = 0.01
+
+
+async def loop_lag_probe(into: list[float]) -> None:
+    """How late a 10 ms timer fires, again and again: how long a reply that arrives then waits
+    for this loop's next turn."""
+    while True:
+        started = time.perf_counter()
+        await asyncio.sleep(LAG_PROBE_SECONDS)
+        into.append(max(0.0, time.perf_counter() - started - LAG_PROBE_SECONDS))
 
 
 # ---------------------------------------------------------------- the coordinator process
@@ -457,8 +476,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             w.stdin.write("GO\n")
             w.stdin.flush()
         results: list[dict[str, Any]] = []
+        worker_lags: list[float] = []
         for k, q in enumerate(worker_lines):
-            results += json.loads(wait_for(q, "RESULT ", args.run_timeout, f"worker {k}"))
+            worker_lags += json.loads(wait_for(q, "LAG ", args.run_timeout, f"worker {k}"))
+            results += json.loads(wait_for(q, "RESULT ", 60, f"worker {k}"))
         finished = time.monotonic()
         try:
             coordinator.wait(timeout=120)
@@ -475,7 +496,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if profiler is not None:
             profiler.wait(timeout=60)  # it writes its file once the coordinator is gone
 
-    return summarize(args, out, results, started, finished, watch)
+    return summarize(args, out, results, started, finished, watch, worker_lags)
 
 
 def summarize(
@@ -485,6 +506,7 @@ def summarize(
     started: float,
     finished: float,
     watch: ProcWatch,
+    worker_lags: list[float],
 ) -> dict[str, Any]:
     errors = [f"peer-{r['index']}: {r['error']}" for r in results if r["error"]]
     joined = [r for r in results if r["join_done"]]
@@ -547,6 +569,12 @@ def summarize(
         "coordinator_cpu_seconds": round(watch.cpu_seconds, 2),
         "coordinator_threads_max": watch.threads,
         "coordinator_loop_lag_ms": loop_lag(out / "coordinator.log"),
+        # the same for the bench's own worker processes (all of them together)
+        "worker_loop_lag_ms": {
+            "p50": percentile(worker_lags, 50),
+            "p99": percentile(worker_lags, 99),
+            "max": round(max(worker_lags), 3) if worker_lags else None,
+        },
         "rounds": len(close),
         "total_seconds": round(finished - started, 3),
         "train_seconds": args.train_seconds,
