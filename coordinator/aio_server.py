@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -27,10 +28,22 @@ from fedmoe.common.tls import TlsFiles, add_port
 from fedmoe.coordinator.aio_service import AioCoordinatorService
 from fedmoe.coordinator.rounds import RoundBook
 
+
 # The loop shares the GIL with the book threads (a round's aggregate, uploads' decoding): they
 # hand it over within 1 ms rather than CPython's default 5, so that a heartbeat on the loop is
-# not held for 5 ms at each turn.
-SWITCH_INTERVAL_SECONDS = 0.001
+# not held for 5 ms at each turn. FEDMOE_SWITCH_INTERVAL overrides it (seconds), for A/B runs.
+def _switch_interval(default: float = 0.001) -> float:
+    raw = os.environ.get("FEDMOE_SWITCH_INTERVAL", "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1.0
+    if not 1e-5 <= value <= 0.1:
+        raise SystemExit("FEDMOE_SWITCH_INTERVAL must be seconds in [0.00001, 0.1]")
+    return value
+
+
+SWITCH_INTERVAL_SECONDS = _switch_interval()
 SERVING = health_pb2.HealthCheckResponse.SERVING
 # The loop's lag is sampled this often (how late a timer fires: how long a call that arrives
 # now waits for the loop's next turn); the last LAG_SAMPLES are kept, logged at the end.
