@@ -204,7 +204,6 @@ def test_a_frozen_embedding_is_uploaded_by_no_algorithm() -> None:
 
 
 def _book(**overrides: object) -> RoundBook:
-    cfg = make_config(peers=2, rounds=3, sync_every=2, embed_dim=4, num_experts=2, top_k=1)
     cfg = make_config(
         **{  # type: ignore[arg-type]
             "peers": 2,
