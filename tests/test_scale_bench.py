@@ -1,0 +1,37 @@
+"""bench/scale.py end to end at its smallest: a real coordinator process and 6 protocol-level
+peers in 2 worker processes, 2 rounds, on both coordinator servers. Only what the JSON line says
+is checked, never how fast (the figures are the benchmark's job)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("server", ["aio", "threads"])
+def test_scale_bench_runs_the_protocol_and_reports_both_loops(server: str, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "scale.py"), "--peers", "6", "--procs", "2",
+         "--rounds", "2", "--train-seconds", "0.2", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, check=True,
+        env={**os.environ, "FEDMOE_COORDINATOR_SERVER": server},
+    )  # fmt: skip
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["status"] == "completed" and line["errors"] == 0
+    assert line["peers"] == 6 and line["rounds"] == 2
+    assert len(line["round_close"]) == 2  # both rounds closed and were delivered
+    assert line["heartbeats"] > 0 and line["heartbeat_p99_ms"] >= line["heartbeat_p50_ms"] > 0
+    lag = line["worker_loop_lag_ms"]
+    assert lag["p99"] is not None and lag["max"] >= lag["p99"] >= lag["p50"] >= 0
+    if server == "aio":  # only the event-loop server has a loop to probe
+        assert line["coordinator_loop_lag_ms"]["p99"] >= 0
+        assert line["coordinator_threads_max"] < 40  # no thread per held call
+    else:
+        assert line["coordinator_loop_lag_ms"] is None
