@@ -8,13 +8,22 @@ each virtual peer on a channel (TCP connection) of its own, as N real peers woul
   .venv/bin/python bench/scale.py --peers 1000
   .venv/bin/python bench/scale.py --peers 100 --procs 4 --rounds 5 --peer-timeout 10
 
+The coordinator answers heartbeats from its liveness process (`--liveness-listen`,
+coordinator/liveness.py) unless --no-liveness; the virtual peers use it as real ones do (the
+coordinator's own Heartbeat when it fails: heartbeat_fallbacks). --probe-peers K (default 10)
+peers are hosted in a process of their own, so that their heartbeat figures show the
+coordinator's answer time apart from the bench's own crowding (the other peers share --procs
+processes, 250 each at N = 1,000, on the same cores).
+
 Prints one JSON line: peers, join_seconds (first Join sent -> all joined), heartbeat_p50_ms and
-heartbeat_p99_ms (client-side latency of every heartbeat during the run), round_close_seconds
+heartbeat_p99_ms (client-side latency of every heartbeat during the run; probe_heartbeat_* the
+same for the probe peers only), round_close_seconds
 (last upload ack -> every peer holds its plan, max over rounds; per round in round_close),
 plan_seconds (strategy time of the slowest sync round, from the coordinator's summary.json
 `round_timings`, or timed here on the same shapes: see plan_seconds_source; the same timed
 here in an idle process is plan_seconds_isolated),
 coordinator_rss_mb (VmHWM), coordinator_cpu_seconds, coordinator_threads_max,
+liveness_rss_mb and liveness_cpu_seconds (its liveness process, apart),
 coordinator_loop_lag_ms (the aio server's event-loop lag, p50/p99/max, from its log),
 worker_loop_lag_ms (the same for the bench's own worker processes), rounds,
 total_seconds, errors. --py-spy BIN or --cprofile profile the coordinator (files in --out).
@@ -77,6 +86,7 @@ class VirtualPeer:
     token: str
     call_timeout: float
     train_seconds: float
+    address: str
     peer_id: str = ""
     round: int = 0
     join_sent: float = 0.0
@@ -85,6 +95,7 @@ class VirtualPeer:
     rounds: dict[int, dict[str, float]] = field(default_factory=dict)
     heartbeats_ms: list[float] = field(default_factory=list)
     heartbeat_errors: int = 0
+    heartbeat_fallbacks: int = 0
     heartbeat_error_codes: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
@@ -101,12 +112,22 @@ class VirtualPeer:
         md = ((SESSION_METADATA, reply.session),)
         cfg = reply.config
         done = asyncio.Event()
-        beats = asyncio.create_task(self.heartbeats(stub, md, reply.heartbeat_ms / 1000, done))
+        liveness = None
+        if reply.liveness_port:  # heartbeats to the coordinator's liveness process, as a peer
+            host = self.address.rsplit(":", 1)[0]
+            liveness = grpc.aio.insecure_channel(
+                f"{host}:{reply.liveness_port}", options=PEER_CHANNEL_OPTIONS
+            )
+        beats = asyncio.create_task(
+            self.heartbeats(stub, liveness, md, reply.heartbeat_ms / 1000, done)
+        )
         try:
             await self.rounds_loop(stub, md, cfg, max(1, reply.start_round))
         finally:
             done.set()
             await beats
+            if liveness is not None:
+                await liveness.close()
 
     async def rounds_loop(
         self,
@@ -159,10 +180,14 @@ class VirtualPeer:
     async def heartbeats(
         self,
         stub: rpc.CoordinatorStub,
+        liveness: grpc.aio.Channel | None,
         md: tuple[tuple[str, str], ...],
         interval: float,
         done: asyncio.Event,
     ) -> None:
+        # As peer/coordinator_client.py: the liveness process first, the coordinator when it
+        # fails (each such beat is counted in heartbeat_fallbacks).
+        beat = stub.Heartbeat if liveness is None else rpc.LivenessStub(liveness).Heartbeat
         delay = random.uniform(0, interval)
         while True:
             try:
@@ -171,12 +196,15 @@ class VirtualPeer:
             except asyncio.TimeoutError:
                 pass
             started = time.perf_counter()
+            request = pb.HeartbeatRequest(peer_id=self.peer_id, round=self.round)
             try:
-                await stub.Heartbeat(
-                    pb.HeartbeatRequest(peer_id=self.peer_id, round=self.round),
-                    metadata=md,
-                    timeout=max(5.0, 2 * interval),
-                )
+                try:
+                    await beat(request, metadata=md, timeout=max(5.0, 2 * interval))
+                except grpc.aio.AioRpcError:
+                    if beat == stub.Heartbeat:
+                        raise
+                    self.heartbeat_fallbacks += 1
+                    await stub.Heartbeat(request, metadata=md, timeout=max(5.0, 2 * interval))
                 self.heartbeats_ms.append(1000 * (time.perf_counter() - started))
             except grpc.aio.AioRpcError as e:
                 self.heartbeat_errors += 1
@@ -194,6 +222,7 @@ class VirtualPeer:
             "rounds": self.rounds,
             "heartbeats_ms": [round(x, 3) for x in self.heartbeats_ms],
             "heartbeat_errors": self.heartbeat_errors,
+            "heartbeat_fallbacks": self.heartbeat_fallbacks,
             "heartbeat_error_codes": self.heartbeat_error_codes,
             "error": self.error,
         }
@@ -207,7 +236,7 @@ async def worker_main(
     print("READY", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # wait for GO
     peers = [
-        VirtualPeer(i, c, token, call_timeout, train_seconds)
+        VirtualPeer(i, c, token, call_timeout, train_seconds, address)
         for i, c in zip(indices, channels, strict=True)
     ]
 
@@ -280,6 +309,13 @@ class ProcWatch:
         self._thread.join()
 
 
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
 def start_coordinator(args: argparse.Namespace, out: Path, token_file: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "fedmoe.cli"]
     if args.coordinator_cmd:  # A/B runs of a modified coordinator, e.g. "python patched.py"
@@ -294,6 +330,8 @@ def start_coordinator(args: argparse.Namespace, out: Path, token_file: Path) -> 
     cmd += ["--sync-every", str(args.sync_every), "--neighbors", str(args.neighbors)]
     cmd += ["--round-timeout", str(args.round_timeout), "--peer-timeout", str(args.peer_timeout)]
     cmd += ["--min-peers", str(args.peers)]  # a round closes with everyone: nobody is left out
+    if not args.no_liveness:
+        cmd += ["--liveness-listen", "127.0.0.1:0"]
     log = open(out / "coordinator.log", "w")  # lives as long as the process
     return subprocess.Popen(
         cmd,
@@ -418,6 +456,16 @@ def loop_lag(log: Path) -> dict[str, float] | None:
     return dict(zip(("p50", "p99", "max"), map(float, found.groups()), strict=True))
 
 
+def worker_shares(peers: int, procs: int, probe_peers: int) -> list[np.ndarray]:
+    """Peer indices per worker process. With probe peers, indices 0..probe_peers-1 get a
+    process of their own (a real peer's process hosts one peer, or a peer host's few), and the
+    rest are spread over `procs` processes."""
+    probe = max(0, min(probe_peers, peers - 1))
+    rest = np.arange(probe, peers)
+    shares = np.array_split(rest, max(1, min(procs, len(rest))))
+    return ([np.arange(probe)] if probe else []) + shares
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fedmoe-scale-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -429,6 +477,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     coordinator = start_coordinator(args, out, token_file)
     watch = ProcWatch(coordinator.pid)
+    child_watch: ProcWatch | None = None
     profiler = None
     if args.py_spy:  # sample every thread of the coordinator (cProfile sees only one)
         profiler = subprocess.Popen(
@@ -449,8 +498,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     workers: list[subprocess.Popen] = []
     try:
         address = wait_for(coord_lines, LISTENING, 120, "coordinator")
-        procs = max(1, min(args.procs, args.peers))
-        shares = np.array_split(np.arange(args.peers), procs)
+        for pid in child_pids(coordinator.pid):  # its liveness process, when it has one
+            child_watch = ProcWatch(pid)
+        shares = worker_shares(args.peers, args.procs, args.probe_peers)
         worker_lines: list[queue.Queue[str | None]] = []
         for share in shares:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", address]
@@ -493,10 +543,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if coordinator.poll() is None:
             coordinator.kill()
         watch.stop()
+        if child_watch is not None:
+            child_watch.stop()
         if profiler is not None:
             profiler.wait(timeout=60)  # it writes its file once the coordinator is gone
 
-    return summarize(args, out, results, started, finished, watch, worker_lags)
+    return summarize(args, out, results, started, finished, watch, worker_lags, child_watch)
 
 
 def summarize(
@@ -507,10 +559,13 @@ def summarize(
     finished: float,
     watch: ProcWatch,
     worker_lags: list[float],
+    child_watch: ProcWatch | None = None,
 ) -> dict[str, Any]:
     errors = [f"peer-{r['index']}: {r['error']}" for r in results if r["error"]]
     joined = [r for r in results if r["join_done"]]
     beats = [x for r in results for x in r["heartbeats_ms"]]
+    probe = max(0, min(args.probe_peers, args.peers - 1))
+    probe_beats = [x for r in results if r["index"] < probe for x in r["heartbeats_ms"]]
     close: list[dict[str, Any]] = []
     for rnd in range(1, args.rounds + 1):
         per = [r["rounds"][str(rnd)] for r in results if str(rnd) in r["rounds"]]
@@ -543,7 +598,7 @@ def summarize(
         source = "FedMoEDA.aggregate timed in the benchmark process on the run's shapes"
     return {
         "peers": args.peers,
-        "procs": max(1, min(args.procs, args.peers)),
+        "procs": len(worker_shares(args.peers, args.procs, args.probe_peers)),
         "experts": args.experts,
         "neighbors": args.neighbors,
         "join_seconds": round(
@@ -555,7 +610,17 @@ def summarize(
         "heartbeat_p50_ms": percentile(beats, 50),
         "heartbeat_p99_ms": percentile(beats, 99),
         "heartbeat_max_ms": round(max(beats), 3) if beats else None,
+        # The same for the probe peers only: hosted in a process of their own, so their
+        # figures are the coordinator's answer time without the bench's own crowding (the
+        # other peers share 4 processes, ~250 each at N = 1,000, on the same 2 cores).
+        "probe_peers": probe,
+        "probe_heartbeats": len(probe_beats),
+        "probe_heartbeat_p50_ms": percentile(probe_beats, 50),
+        "probe_heartbeat_p99_ms": percentile(probe_beats, 99),
+        "probe_heartbeat_max_ms": round(max(probe_beats), 3) if probe_beats else None,
         "heartbeat_errors": sum(r["heartbeat_errors"] for r in results),
+        "heartbeat_fallbacks": sum(r["heartbeat_fallbacks"] for r in results),
+        "liveness_process": not args.no_liveness,
         "heartbeat_error_codes": _sum_counts(r["heartbeat_error_codes"] for r in results),
         "round_close_seconds": max((c["close_seconds"] for c in close), default=None),
         "round_close_from_last_upload_seconds": max(
@@ -568,6 +633,9 @@ def summarize(
         "coordinator_rss_mb": round(watch.hwm_kb / 1024, 1),
         "coordinator_cpu_seconds": round(watch.cpu_seconds, 2),
         "coordinator_threads_max": watch.threads,
+        # The coordinator's liveness process (--liveness-listen), apart: it is a process more.
+        "liveness_rss_mb": round(child_watch.hwm_kb / 1024, 1) if child_watch else None,
+        "liveness_cpu_seconds": round(child_watch.cpu_seconds, 2) if child_watch else None,
         "coordinator_loop_lag_ms": loop_lag(out / "coordinator.log"),
         # the same for the bench's own worker processes (all of them together)
         "worker_loop_lag_ms": {
@@ -602,6 +670,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", type=int, default=100)
     p.add_argument("--procs", type=int, default=4, help="OS processes hosting the peers")
+    p.add_argument(
+        "--probe-peers",
+        type=int,
+        default=10,
+        help="peers hosted in one more process of their own (probe_heartbeat_* figures)",
+    )
+    p.add_argument(
+        "--no-liveness",
+        action="store_true",
+        help="heartbeats to the coordinator itself, not to its liveness process (A/B)",
+    )
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--sync-every", type=int, default=1)
     p.add_argument("--experts", type=int, default=8)

@@ -32,6 +32,7 @@ from fedmoe.common.wire_counters import detect as detect_interfaces
 from fedmoe.coordinator.aio_server import AioServing
 from fedmoe.coordinator.board import RoundBoard
 from fedmoe.coordinator.checkpoint import CoordinatorCheckpoint
+from fedmoe.coordinator.liveness import LivenessProcess, start_liveness
 from fedmoe.coordinator.results import RunResults
 from fedmoe.coordinator.rounds import RoundBook
 from fedmoe.coordinator.service import CoordinatorService, heartbeat_ms
@@ -163,6 +164,7 @@ def run_coordinator(
     advertise_allow: tuple = (),
     metrics: MetricsEndpoint | None = None,
     tensorboard: Path | None = None,
+    liveness_listen: str | None = None,
 ) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     wire = WireMeter(detect_interfaces(wire_iface, on_loopback=is_loopback_listen(listen)))
@@ -247,6 +249,22 @@ def run_coordinator(
         raise SystemExit(f"coordinator: cannot listen on {listen}: {e}") from e
     port = serving.port
     log.info("serving on a %s gRPC server", kind)
+    liveness: LivenessProcess | None = None
+    if liveness_listen:
+        try:
+            liveness = start_liveness(
+                book, counter, serving.told_finished, liveness_listen, tls, workers
+            )
+        except RuntimeError as e:
+            serving.stop(grace=0)
+            raise SystemExit(f"coordinator: cannot listen on {liveness_listen}: {e}") from e
+        log.info(
+            "heartbeats served by a process of their own (pid %d) on port %d",
+            liveness.proc.pid,
+            liveness.port,
+        )
+        if tls is None and not is_loopback_listen(liveness_listen):
+            log.warning("liveness port %s without TLS: not encrypted (use --tls)", liveness_listen)
     if tls is None and not is_loopback_listen(listen):
         log.warning("listening on %s without TLS: traffic is not encrypted (use --tls)", listen)
     if telemetry is not None:
@@ -254,6 +272,8 @@ def run_coordinator(
         telemetry.tick(book.open_round, book.reported_round, len(book.alive()))
         _serve_metrics(telemetry, metrics)
     host = listen.rsplit(":", 1)[0]
+    if liveness is not None and liveness_listen:
+        print(f"FEDMOE_LIVENESS {liveness_listen.rsplit(':', 1)[0]}:{liveness.port}", flush=True)
     # The launcher reads this line to learn the port when --listen asked for port 0.
     print(f"FEDMOE_LISTENING {host}:{port}", flush=True)
     serving.serving()
@@ -274,6 +294,8 @@ def run_coordinator(
     if book.finished:
         # Peers that sat out the last round learn that the run is over from a heartbeat reply:
         # keep answering until every live one has heard it (bounded by three heartbeats).
+        if liveness is not None:
+            liveness.flush()  # the liveness process tells the run's end from now on
         final = set(book.reported(cfg.rounds))
         waiting = lambda: set(book.alive()) - final - serving.told_finished  # noqa: E731
         linger_until = time.monotonic() + 3 * heartbeat_ms(cfg) / 1000
@@ -281,6 +303,8 @@ def run_coordinator(
             pass
     # Let held final acks reach their peers before the server goes away.
     serving.stop(grace=10)
+    if liveness is not None:
+        liveness.stop()  # after the linger: it may be the one telling peers the run is over
     if telemetry is not None:
         telemetry.close()
     if board is not None:

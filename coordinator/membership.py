@@ -187,6 +187,10 @@ class Membership:
             f"the run is full: all {self.cfg.peers} peer indices are held by members{hint_text}",
         )
 
+    def session_digests(self) -> dict[str, str]:
+        """Digest of every live session -> its peer_id (a copy: the liveness process's mirror)."""
+        return dict(self._sessions)
+
     def authenticate(self, session: str) -> Member:
         if session and len(session) <= MAX_SECRET_CHARS:
             peer_id = self._sessions.get(secret_digest(session))

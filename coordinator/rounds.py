@@ -167,6 +167,8 @@ class RoundBook:
         # Called (under the lock) on every change a waiter could be waiting for.
         self.listeners: list[Callable[[], None]] = []
         self._cv = _Condition(self.listeners)
+        # Where joins are told to heartbeat (coordinator/liveness.py); 0: the Coordinator.
+        self.liveness_port = 0
         # alive() and left(), as every heartbeat returns them: O(N) to build, so built once and
         # dropped on every change of membership or liveness (join, revival) and at every tick.
         self._views: dict[tuple[Any, ...], Any] = {}

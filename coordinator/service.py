@@ -274,6 +274,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             session=member.session,
             heartbeat_ms=heartbeat_ms(self.cfg),
             member_secret=member.secret,
+            liveness_port=self.book.liveness_port,
         )
         return reply
 

@@ -328,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated CIDRs peers' advertised addresses must lie in (production)",
     )
+    c.add_argument(
+        "--liveness-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="answer heartbeats from a process of its own on HOST:PORT (port 0: any); peers "
+        "reach it at the coordinator's host, and fall back to the coordinator (large N)",
+    )
     add_run_args(c)
     add_telemetry_args(c, "port 0: any free port, printed as 'FEDMOE_METRICS URL'", True)
 
@@ -368,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     loc = sub.add_parser("local", help="coordinator + N peers as separate processes on loopback")
     add_run_args(loc)
+    loc.add_argument(
+        "--liveness",
+        action="store_true",
+        help="the coordinator answers heartbeats from a process of its own (for many peers)",
+    )
     loc.add_argument(
         "--procs",
         type=int,
@@ -540,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 advertise_allow_from_args(args),
                 metrics=metrics_from_args(args),
                 tensorboard=args.tensorboard,
+                liveness_listen=args.liveness_listen,
             )
         if args.command == "peer":
             from fedmoe.peer.main import run_peers

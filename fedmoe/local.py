@@ -206,6 +206,7 @@ def run_local(args: argparse.Namespace, cfg: pb.RunConfig) -> int:
             *config_to_argv(cfg),
             *security_argv(args),
             *telemetry_argv(args, None),
+            *(["--liveness-listen", "127.0.0.1:0"] if getattr(args, "liveness", False) else []),
         ],
         stdout=subprocess.PIPE,
         stderr=coord_log,

@@ -16,10 +16,16 @@ import grpc
 from fedmoe.common.accounting import ByteCounter, CountingInterceptor
 from fedmoe.common.auth import SESSION_METADATA, TOKEN_METADATA
 from fedmoe.common.grpc_options import CHANNEL_OPTIONS
+from fedmoe.common.netaddr import split_host_port
 from fedmoe.common.proto import pb, rpc
 from fedmoe.common.retry import coordinator_stream, retry_stream
 from fedmoe.common.tensors import TensorAssembler, TensorSpec, WireTensor, chunk_tensors
 from fedmoe.common.tls import TlsFiles, channel
+
+# Consecutive failed heartbeats to the liveness process after which a peer heartbeats only the
+# coordinator (until its next join); each failed one is sent to the coordinator at once.
+LIVENESS_TRIES = 3
+LIVENESS_TIMEOUT = 2.0
 
 
 class CoordinatorClient:
@@ -35,11 +41,16 @@ class CoordinatorClient:
         self.counter = counter
         self.chunk_bytes = chunk_bytes
         self.timeout = timeout
+        self.tls = tls
         self.channel = channel(address, tls, CHANNEL_OPTIONS)
         # ReportMetrics is not counted here: the coordinator adds the report and its ack to the
         # round's record (the report cannot carry its own size).
         counting = CountingInterceptor(counter, "coordinator", skip=frozenset({"ReportMetrics"}))
+        self._counting = counting
         self.stub = rpc.CoordinatorStub(grpc.intercept_channel(self.channel, counting))
+        # The coordinator's liveness process (JoinReply.liveness_port), when it has one.
+        self._liveness: tuple[int, grpc.Channel, rpc.LivenessStub] | None = None
+        self._liveness_failures = 0
         self.peer_id = ""
         self._metadata: tuple[tuple[str, str], ...] = ()
         # Proof of identity for rejoining under our index (from --state-dir, or our last join).
@@ -69,15 +80,44 @@ class CoordinatorClient:
         self._metadata = ((SESSION_METADATA, reply.session),)
         if reply.member_secret:
             self.member_secret = reply.member_secret  # kept in memory for a rejoin
+        self._use_liveness(reply.liveness_port)
         return reply  # counted under reply.start_round
+
+    def _use_liveness(self, port: int) -> None:
+        """Heartbeat the liveness process on `port` of the coordinator's host (0: none)."""
+        self._liveness_failures = 0
+        if self._liveness is not None and self._liveness[0] == port:
+            return
+        if self._liveness is not None:
+            self._liveness[1].close()
+            self._liveness = None
+        if not port:
+            return
+        try:
+            host, _ = split_host_port(self.address)
+        except ValueError:
+            return  # e.g. a resolver URI: heartbeats go to the coordinator
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        ch = channel(address, self.tls, CHANNEL_OPTIONS)
+        stub = rpc.LivenessStub(grpc.intercept_channel(ch, self._counting))
+        self._liveness = (port, ch, stub)
 
     def heartbeat(self, round_: int, timeout: float) -> pb.HeartbeatReply:
         # Never retried (not in SERVICE_CONFIG): the next heartbeat is the retry, and the caller
         # must see UNAVAILABLE at once to notice a coordinator that is gone.
         request = pb.HeartbeatRequest(peer_id=self.peer_id, round=round_)
-        reply: pb.HeartbeatReply = self.stub.Heartbeat(
-            request, timeout=timeout, metadata=self._metadata
-        )
+        if self._liveness is not None and self._liveness_failures < LIVENESS_TRIES:
+            try:
+                reply: pb.HeartbeatReply = self._liveness[2].Heartbeat(
+                    request, timeout=min(timeout, LIVENESS_TIMEOUT), metadata=self._metadata
+                )
+                self._liveness_failures = 0
+                return reply
+            except grpc.RpcError:
+                # Gone, slow, or its mirror not yet current (a fresh session): the coordinator
+                # itself is the authority, so this beat goes there.
+                self._liveness_failures += 1
+        reply = self.stub.Heartbeat(request, timeout=timeout, metadata=self._metadata)
         return reply
 
     def submit(self, round_: int, num_samples: int, tensors: list[WireTensor]) -> pb.UpdateAck:
@@ -148,6 +188,8 @@ class CoordinatorClient:
         return ack
 
     def close(self) -> None:
+        if self._liveness is not None:
+            self._liveness[1].close()
         self.channel.close()
 
 

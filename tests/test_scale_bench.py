@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("server", ["aio", "threads"])
-def test_scale_bench_runs_the_protocol_and_reports_both_loops(server: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("server", "liveness"), [("aio", True), ("threads", True), ("aio", False)])
+def test_scale_bench_runs_the_protocol_and_reports_both_loops(
+    server: str, liveness: bool, tmp_path: Path
+) -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "scale.py"), "--peers", "6", "--procs", "2",
-         "--rounds", "2", "--train-seconds", "2.5", "--out", str(tmp_path / "run")],
+         "--probe-peers", "2", "--rounds", "2", "--train-seconds", "2.5",
+         "--out", str(tmp_path / "run"), *([] if liveness else ["--no-liveness"])],
         capture_output=True, text=True, timeout=300, check=True,
         env={**os.environ, "FEDMOE_COORDINATOR_SERVER": server},
     )  # fmt: skip
@@ -31,6 +35,16 @@ def test_scale_bench_runs_the_protocol_and_reports_both_loops(server: str, tmp_p
     assert line["peers"] == 6 and line["rounds"] == 2
     assert len(line["round_close"]) == 2  # both rounds closed and were delivered
     assert line["heartbeats"] > 0 and line["heartbeat_p99_ms"] >= line["heartbeat_p50_ms"] > 0
+    assert line["probe_peers"] == 2 and line["procs"] == 3  # the probe peers' own process
+    assert line["probe_heartbeats"] > 0 and line["probe_heartbeat_p99_ms"] > 0
+    assert line["liveness_process"] is liveness
+    if liveness:  # a process more, watched apart; its answers were the heartbeats measured
+        assert line["liveness_rss_mb"] > 0 and line["liveness_cpu_seconds"] >= 0
+        assert line["heartbeat_fallbacks"] < line["heartbeats"]
+        log = (tmp_path / "run" / "coordinator.log").read_text()
+        assert re.search(r"answered [1-9]\d* heartbeat", log), log[-2000:]
+    else:
+        assert line["liveness_rss_mb"] is None and line["heartbeat_fallbacks"] == 0
     lag = line["worker_loop_lag_ms"]
     assert lag["p99"] is not None and lag["max"] >= lag["p99"] >= lag["p50"] >= 0
     if server == "aio":  # only the event-loop server has a loop to probe

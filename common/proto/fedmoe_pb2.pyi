@@ -154,20 +154,22 @@ class JoinRequest(_message.Message):
     def __init__(self, index: _Optional[int] = ..., advertise: _Optional[str] = ..., member_secret: _Optional[str] = ..., any_index: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("peer_id", "config", "start_round", "session", "heartbeat_ms", "member_secret")
+    __slots__ = ("peer_id", "config", "start_round", "session", "heartbeat_ms", "member_secret", "liveness_port")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     START_ROUND_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_PORT_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     config: RunConfig
     start_round: int
     session: str
     heartbeat_ms: int
     member_secret: str
-    def __init__(self, peer_id: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., start_round: _Optional[int] = ..., session: _Optional[str] = ..., heartbeat_ms: _Optional[int] = ..., member_secret: _Optional[str] = ...) -> None: ...
+    liveness_port: int
+    def __init__(self, peer_id: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., start_round: _Optional[int] = ..., session: _Optional[str] = ..., heartbeat_ms: _Optional[int] = ..., member_secret: _Optional[str] = ..., liveness_port: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("peer_id", "round", "num_samples")

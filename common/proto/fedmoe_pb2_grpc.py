@@ -362,6 +362,84 @@ class Coordinator:
             _registered_method=True)
 
 
+class LivenessStub:
+    """The coordinator's liveness process (coordinator/liveness.py): heartbeats only, with the same
+    session, request, reply and rules as Coordinator.Heartbeat.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Heartbeat = channel.unary_unary(
+                '/fedmoe.v1.Liveness/Heartbeat',
+                request_serializer=fedmoe__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=fedmoe__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
+
+
+class LivenessServicer:
+    """The coordinator's liveness process (coordinator/liveness.py): heartbeats only, with the same
+    session, request, reply and rules as Coordinator.Heartbeat.
+    """
+
+    def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_LivenessServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=fedmoe__pb2.HeartbeatRequest.FromString,
+                    response_serializer=fedmoe__pb2.HeartbeatReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fedmoe.v1.Liveness', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fedmoe.v1.Liveness', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Liveness:
+    """The coordinator's liveness process (coordinator/liveness.py): heartbeats only, with the same
+    session, request, reply and rules as Coordinator.Heartbeat.
+    """
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmoe.v1.Liveness/Heartbeat',
+            fedmoe__pb2.HeartbeatRequest.SerializeToString,
+            fedmoe__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class ExpertExchangeStub:
     """Missing associated documentation comment in .proto file."""
 
