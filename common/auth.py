@@ -6,6 +6,7 @@ the command line, where every user of the machine could read it in the process l
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import stat
@@ -48,3 +49,9 @@ def new_token_file(path: Path) -> str:
     token = secrets.token_urlsafe(32)
     atomic_write_bytes(path, (token + "\n").encode(), mode=0o600)
     return token
+
+
+def secret_digest(secret: str) -> str:
+    """Sessions and member secrets are looked up and stored by digest, never compared as text
+    (the coordinator's membership, and its liveness process's mirror)."""
+    return hashlib.sha256(secret.encode()).hexdigest()

@@ -39,7 +39,7 @@ from typing import IO, Any
 
 import grpc
 
-from fedmoe.common.auth import SESSION_METADATA
+from fedmoe.common.auth import SESSION_METADATA, secret_digest
 from fedmoe.common.grpc_options import SERVER_OPTIONS
 from fedmoe.common.logsafe import clip, clip_text
 from fedmoe.common.proto import pb, rpc
@@ -60,12 +60,6 @@ class Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def session_digest(secret: str) -> str:
-    from fedmoe.coordinator.membership import secret_digest
-
-    return secret_digest(secret)
 
 
 # ---------------------------------------------------------------- the child's mirror
@@ -106,7 +100,7 @@ class LivenessView:
         """(peer_id, reply), or Refusal with the Coordinator's Heartbeat's code and message."""
         peer_id = None
         if session and len(session) <= MAX_SECRET_CHARS:
-            peer_id = self.sessions.get(session_digest(session))
+            peer_id = self.sessions.get(secret_digest(session))
         if peer_id is None:
             raise Refusal(grpc.StatusCode.UNAUTHENTICATED, UNKNOWN_SESSION)
         if request.peer_id and request.peer_id != peer_id:

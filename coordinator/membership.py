@@ -5,7 +5,6 @@ Pure logic, no gRPC and no lock of its own: the round book calls it under its lo
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 from collections import deque
@@ -13,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedmoe.common.auth import secret_digest
 from fedmoe.common.config import participants, takes_part
 from fedmoe.common.netaddr import check_advertise
 from fedmoe.common.proto import pb
@@ -22,11 +22,6 @@ from fedmoe.common.refusal import Reason, Refused
 # coordinator's memory or its checkpoint. The oldest events give way; their count is kept.
 MAX_EVENTS = 512
 MAX_SECRET_CHARS = 128
-
-
-def secret_digest(secret: str) -> str:
-    """Sessions and member secrets are looked up and stored by digest, never compared as text."""
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass
