@@ -380,7 +380,11 @@ class LivenessProcess:
         self.port = int(first["port"])
         self._lock = threading.Lock()  # one writer at a time on the child's stdin
         book.listeners.append(self._dirty.set)
-        self._publisher = threading.Thread(target=self._publish_loop, name="liveness-out")
+        # Daemons: a coordinator that exits on an error path never waits for them (the child
+        # then sees its stdin close and exits too).
+        self._publisher = threading.Thread(
+            target=self._publish_loop, name="liveness-out", daemon=True
+        )
         self._reader = threading.Thread(target=self._read_loop, name="liveness-in", daemon=True)
         self._publish()  # the mirror is whole before the port is handed to anyone
         self._publisher.start()
@@ -420,8 +424,13 @@ class LivenessProcess:
             # A change, or once a second regardless (a member left out by the clock alone).
             self._dirty.wait(1.0)
             self._dirty.clear()
-            if self._stopping.is_set() or not self._publish():
+            if self._stopping.is_set():
                 return
+            try:
+                if not self._publish():
+                    return  # the child is gone (the reader says so)
+            except Exception:  # a bug here must not freeze the mirror: log, retry next change
+                log.exception("liveness mirror update failed")
             self._stopping.wait(PUBLISH_SECONDS)
 
     # -- child -> coordinator

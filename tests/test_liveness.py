@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from fedmoe.common.grpc_options import CHANNEL_OPTIONS
 from fedmoe.common.proto import pb, rpc
 from fedmoe.coordinator.liveness import BookMirror, LivenessView, Refusal
 from fedmoe.coordinator.service import CoordinatorService
-from tests.cluster import Cluster, rss_mb
+from tests.cluster import FEDMOE, Cluster, rss_mb
 from tests.test_hostile_coordinator import TOKEN, Member
 from tests.test_rounds import make_book, record, upload
 
@@ -318,3 +320,21 @@ def test_heartbeats_on_the_liveness_port_keep_a_member_alive(tmp_path: Path) -> 
             time.sleep(0.3)  # the heartbeat cadence, not a synchronisation
     finally:
         c.stop()
+
+
+def test_fedmoe_local_liveness_under_mutual_tls(tmp_path: Path) -> None:
+    """`fedmoe local --liveness --tls`: the liveness port takes the coordinator's certificate
+    and the peers' client certificates, and the heartbeats go there."""
+    certs, out = tmp_path / "certs", tmp_path / "run"
+    subprocess.run([*FEDMOE, "certs", str(certs), "--peers", "2"], check=True, timeout=120)
+    done = subprocess.run(
+        [*FEDMOE, "local", "--peers", "2", "--rounds", "3", *FAST[:6], "--liveness", "--tls"]
+        + ["--certs", str(certs), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = (out / "coordinator.log").read_text()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + log[-2000:]
+    answered = ANSWERED.search(log)
+    assert answered and int(answered.group(1)) > 0 and "refused 0" in log, log[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["coordinator_view"]["bytes_received"] == s["bytes_by_direction"]["coordinator_sent"]
