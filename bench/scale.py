@@ -199,7 +199,10 @@ class VirtualPeer:
             request = pb.HeartbeatRequest(peer_id=self.peer_id, round=self.round)
             try:
                 try:
-                    await beat(request, metadata=md, timeout=max(5.0, 2 * interval))
+                    deadline = max(5.0, 2 * interval)
+                    if liveness is not None:  # the real client's: a quarter, 0.25-2 s
+                        deadline = max(0.25, min(2.0, deadline / 4))
+                    await beat(request, metadata=md, timeout=deadline)
                 except grpc.aio.AioRpcError:
                     if beat == stub.Heartbeat:
                         raise

@@ -284,6 +284,7 @@ class AioCoordinatorService(rpc.CoordinatorServicer):
             run_finished=self.book.finished,
             reported=self.book.reported_to(member.peer_id, request.round),
             left=left,
+            liveness_port=self.book.liveness_port,
         )
 
     async def SubmitUpdate(

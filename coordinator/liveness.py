@@ -30,6 +30,7 @@ import base64
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -70,6 +71,7 @@ class LivenessView:
     """What a heartbeat reply needs, as the coordinator last published it."""
 
     rounds: int
+    port: int = 0  # where it listens: replies say so, as the Coordinator's do
     sessions: dict[str, str] = field(default_factory=dict)  # digest of a session -> peer_id
     open_round: int = 1
     finished: bool = False
@@ -115,6 +117,7 @@ class LivenessView:
         reply = pb.HeartbeatReply(
             open_round=self.open_round,
             run_finished=self.finished,
+            liveness_port=self.port,
             reported=self.reported.get(request.round, {}).get(peer_id, []),
             # A heartbeat revives its sender (the coordinator notes it on the next flush), so
             # the sender is never among those left, as in the Coordinator's own reply.
@@ -218,6 +221,7 @@ async def _serve(setup: dict[str, Any], stdin: IO[str], stdout: IO[str]) -> None
         _say(stdout, {"error": str(e)})
         return
     await server.start()
+    view.port = port
     _say(stdout, {"port": port})
 
     loop = asyncio.get_running_loop()
@@ -243,7 +247,10 @@ async def _serve(setup: dict[str, Any], stdin: IO[str], stdout: IO[str]) -> None
         if out is not None and not _say(stdout, out):
             break
         now = time.monotonic()
-        if servicer.refused > refusals_logged and now - logged_at >= REFUSALS_LOG_SECONDS:
+        first = refusals_logged == 0
+        if servicer.refused > refusals_logged and (
+            first or now - logged_at >= REFUSALS_LOG_SECONDS
+        ):
             log.warning(
                 "refused %d heartbeat(s) in %.0f s; last: %s",
                 servicer.refused - refusals_logged,
@@ -264,6 +271,11 @@ def child_main() -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    # Stopped by its stdin closing, never by a signal meant for the coordinator's process
+    # group (Ctrl-C, a supervisor's SIGTERM): the coordinator stops first and closes it, so
+    # the last heartbeats' news reaches it.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     setup = json.loads(sys.stdin.readline() or "{}")
     if "listen" not in setup:
         return 2
@@ -287,7 +299,9 @@ class BookMirror:
         """The book's state as the child mirrors it, read without the book's lock (the same
         lock-free reads the Coordinator's Heartbeat makes)."""
         book = self.book
-        left = book.left(block=False)
+        # Blocking: at a tick the lock is held when the publisher is woken, and the view it
+        # would get without waiting is the one from before the tick.
+        left = book.left()
         reported: dict[str, dict[str, list[str]]] = {}
         for r, closed in list(book.closed.items()):
             reported[str(r)] = {
@@ -357,7 +371,8 @@ class LivenessProcess:
         self._dirty = threading.Event()
         self._stopping = threading.Event()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fedmoe.coordinator.liveness"],
+            # -P: the working directory is not put on sys.path (nothing there can shadow us)
+            [sys.executable, "-P", "-m", "fedmoe.coordinator.liveness"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -380,6 +395,8 @@ class LivenessProcess:
         self.port = int(first["port"])
         self._lock = threading.Lock()  # one writer at a time on the child's stdin
         book.listeners.append(self._dirty.set)
+        book.watchers.append(self._dirty.set)
+        self._revive: set[str] = set()  # heartbeats that need the book's lock (a revival)
         # Daemons: a coordinator that exits on an error path never waits for them (the child
         # then sees its stdin close and exits too).
         self._publisher = threading.Thread(
@@ -392,8 +409,11 @@ class LivenessProcess:
 
     def _exchange(self, line: str, timeout: float) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return {}  # it died at start-up (its stderr says why)
         answer: list[str] = []
         reading = threading.Thread(
             target=lambda: answer.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
@@ -407,16 +427,18 @@ class LivenessProcess:
             return {}
 
     def _publish(self) -> bool:
-        update = self.mirror.update()
-        if not update:
-            return True
         assert self.proc.stdin is not None
-        try:
-            with self._lock:
+        # One lock around computing and writing: two publishers (the thread and flush())
+        # writing in the other order would leave the child on the older state for good.
+        with self._lock:
+            update = self.mirror.update()
+            if not update:
+                return True
+            try:
                 self.proc.stdin.write(json.dumps(update) + "\n")
                 self.proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            return False
+            except (BrokenPipeError, OSError, ValueError):
+                return False
         return True
 
     def _publish_loop(self) -> None:
@@ -453,10 +475,14 @@ class LivenessProcess:
 
     def _note(self, news: dict[str, Any]) -> None:
         members = self.book.members
-        for peer_id in news.get("seen", ()):
+        # A live member's heartbeat is one attribute write; a revival needs the book's lock,
+        # which a round close holds for a while: retried with the next news instead of making
+        # every other heartbeat wait behind it.
+        self._revive.update(news.get("seen", ()))
+        for peer_id in list(self._revive):
             member = members.get(peer_id)
-            if member is not None:
-                self.book.heartbeat(member)
+            if member is None or self.book.heartbeat(member, block=False):
+                self._revive.discard(peer_id)
         self.told_finished.update(p for p in news.get("told", ()) if p in members)
         for r, (received, sent) in news.get("bytes", {}).items():
             self.counter.add(int(r), "coordinator", "received", int(received))
@@ -475,11 +501,15 @@ class LivenessProcess:
         self._dirty.set()
         self._publisher.join(timeout)
         assert self.proc.stdin is not None
-        try:
-            with self._lock:
+        if self._lock.acquire(timeout=timeout):
+            try:
                 self.proc.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass
+            except (BrokenPipeError, OSError):
+                pass
+            finally:
+                self._lock.release()
+        else:  # a write is stuck: the child stopped reading
+            self.proc.kill()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -169,6 +169,9 @@ class RoundBook:
         self._cv = _Condition(self.listeners)
         # Where joins are told to heartbeat (coordinator/liveness.py); 0: the Coordinator.
         self.liveness_port = 0
+        # Called (under the lock; cheap, never taking it) on changes that heartbeat replies show
+        # but no waiter waits for: a report (`reported_to`). The liveness mirror listens here.
+        self.watchers: list[Callable[[], None]] = []
         # alive() and left(), as every heartbeat returns them: O(N) to build, so built once and
         # dropped on every change of membership or liveness (join, revival) and at every tick.
         self._views: dict[tuple[Any, ...], Any] = {}
@@ -608,6 +611,8 @@ class RoundBook:
             if not self.uploads and not takes_part(self.cfg, member.index, round_):
                 raise Refused(Reason.WRONG_TIME, f"you are not sampled for round {round_}")
             self.ledger.add(round_, member.peer_id, record)
+            for watcher in self.watchers:
+                watcher()
             self._maybe_write()
             self._save()
 

@@ -296,6 +296,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             run_finished=self.book.finished,
             reported=self.book.reported_to(member.peer_id, request.round),
             left=self.book.left(),
+            liveness_port=self.book.liveness_port,
         )
         return reply
 

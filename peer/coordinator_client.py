@@ -22,10 +22,13 @@ from fedmoe.common.retry import coordinator_stream, retry_stream
 from fedmoe.common.tensors import TensorAssembler, TensorSpec, WireTensor, chunk_tensors
 from fedmoe.common.tls import TlsFiles, channel
 
-# Consecutive failed heartbeats to the liveness process after which a peer heartbeats only the
-# coordinator (until its next join); each failed one is sent to the coordinator at once.
+# Consecutive failed heartbeats to the liveness process after which a peer heartbeats the
+# coordinator, trying the liveness port again once every LIVENESS_RETRY_EVERY beats; each
+# failed one is sent to the coordinator at once. A liveness call gets a quarter of the
+# heartbeat's deadline (0.25-2 s), so a stalled port cannot make a live peer look silent.
 LIVENESS_TRIES = 3
-LIVENESS_TIMEOUT = 2.0
+LIVENESS_RETRY_EVERY = 10
+LIVENESS_TIMEOUT = (0.25, 2.0)
 
 
 class CoordinatorClient:
@@ -51,6 +54,7 @@ class CoordinatorClient:
         # The coordinator's liveness process (JoinReply.liveness_port), when it has one.
         self._liveness: tuple[int, grpc.Channel, rpc.LivenessStub] | None = None
         self._liveness_failures = 0
+        self._beats = 0
         self.peer_id = ""
         self._metadata: tuple[tuple[str, str], ...] = ()
         # Proof of identity for rejoining under our index (from --state-dir, or our last join).
@@ -85,9 +89,10 @@ class CoordinatorClient:
 
     def _use_liveness(self, port: int) -> None:
         """Heartbeat the liveness process on `port` of the coordinator's host (0: none)."""
-        self._liveness_failures = 0
-        if self._liveness is not None and self._liveness[0] == port:
+        current = self._liveness[0] if self._liveness is not None else 0
+        if current == port:
             return
+        self._liveness_failures = 0
         if self._liveness is not None:
             self._liveness[1].close()
             self._liveness = None
@@ -106,10 +111,13 @@ class CoordinatorClient:
         # Never retried (not in SERVICE_CONFIG): the next heartbeat is the retry, and the caller
         # must see UNAVAILABLE at once to notice a coordinator that is gone.
         request = pb.HeartbeatRequest(peer_id=self.peer_id, round=round_)
-        if self._liveness is not None and self._liveness_failures < LIVENESS_TRIES:
+        self._beats += 1
+        trying = self._liveness_failures < LIVENESS_TRIES
+        if self._liveness is not None and (trying or self._beats % LIVENESS_RETRY_EVERY == 0):
+            low, high = LIVENESS_TIMEOUT
             try:
                 reply: pb.HeartbeatReply = self._liveness[2].Heartbeat(
-                    request, timeout=min(timeout, LIVENESS_TIMEOUT), metadata=self._metadata
+                    request, timeout=max(low, min(high, timeout / 4)), metadata=self._metadata
                 )
                 self._liveness_failures = 0
                 return reply
@@ -118,6 +126,9 @@ class CoordinatorClient:
                 # itself is the authority, so this beat goes there.
                 self._liveness_failures += 1
         reply = self.stub.Heartbeat(request, timeout=timeout, metadata=self._metadata)
+        # The coordinator says where heartbeats go now (a liveness process started or gone,
+        # or a restarted coordinator's new one).
+        self._use_liveness(reply.liveness_port)
         return reply
 
     def submit(self, round_: int, num_samples: int, tensors: list[WireTensor]) -> pb.UpdateAck:

@@ -112,6 +112,26 @@ def test_the_mirror_answers_as_the_coordinator_in_every_state() -> None:
     assert mirror.update() == {}  # nothing changed since: nothing to send
 
 
+def test_every_change_a_heartbeat_reply_shows_wakes_the_mirror() -> None:
+    """The mirror is pushed on the book's listeners and watchers; a report changes
+    `reported_to` without waking any waiter, so it must reach the watchers."""
+    book, clock, _ = make_book(peers=2)
+    woken: list[str] = []
+    book.listeners.append(lambda: woken.append("listener"))
+    book.watchers.append(lambda: woken.append("watcher"))
+    a, b = book.join(0, "h0:1"), book.join(1, "h1:1")
+    assert woken, "a join must wake the mirror (a new session)"
+    for m in (a, b):
+        book.submit(m, 1, 10, upload(book))
+    woken.clear()
+    book.report(a, 1, record(1, "peer-0"))
+    assert "watcher" in woken
+    woken.clear()
+    clock.now += 11  # both silent past --peer-timeout
+    book.tick()
+    assert woken, "members left out by the clock must wake the mirror"
+
+
 def test_the_liveness_view_refuses_what_the_coordinator_refuses() -> None:
     book, _, _ = make_book(peers=2)
     a, b = book.join(0, "h0:1"), book.join(1, "h1:1")
@@ -288,7 +308,9 @@ def test_attacks_on_the_liveness_port_are_refused_cheaply(cluster_factory) -> No
         t.join()
     assert codes and set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
     assert rss_mb(pid) - before < 50  # nothing kept per refused call
-    # Refusals are logged as counts, not one line each, and never echo the caller's strings.
+    # Refusals are logged as counts (the first at once, then every 10 s), not one line each,
+    # and never echo the caller's strings.
+    c.wait_for_log("coordinator", "fedmoe.liveness WARNING refused")
     log = c.log_text("coordinator")
     assert log.count("refused") < 20, log[-2000:]
     assert "s" * 200 not in log and "p" * 200 not in log
@@ -307,11 +329,25 @@ def test_heartbeats_on_the_liveness_port_keep_a_member_alive(tmp_path: Path) -> 
             m.join()
         assert a.reply is not None and a.reply.liveness_port == port
         via_liveness = rpc.LivenessStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        ping = pb.HeartbeatRequest(peer_id="", round=1)
+        # The mirror takes up to ~50 ms to learn a fresh session (a peer would send such a
+        # beat to the coordinator instead): wait until the liveness process knows a's.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                via_liveness.Heartbeat(ping, metadata=a.md, timeout=5)
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+                assert time.monotonic() < deadline, "the mirror never learnt a's session"
+                time.sleep(0.02)
+        # The coordinator's own replies name the liveness port too (a peer that joined before
+        # it started, or rejoined a restarted coordinator, learns it there).
+        assert b.stub.Heartbeat(ping, metadata=b.md, timeout=5).liveness_port == port
         left_at: float | None = None
         deadline = time.monotonic() + 60
         while left_at is None or time.monotonic() < left_at + 3:
             assert time.monotonic() < deadline, c.logs()
-            ping = pb.HeartbeatRequest(peer_id="", round=1)
             via_liveness.Heartbeat(ping, metadata=a.md, timeout=5)
             left = set(b.stub.Heartbeat(ping, metadata=b.md, timeout=5).left)
             assert "peer-0" not in left, left

@@ -341,16 +341,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("open_round", "run_finished", "reported", "left")
+    __slots__ = ("open_round", "run_finished", "reported", "left", "liveness_port")
     OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
     RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
     REPORTED_FIELD_NUMBER: _ClassVar[int]
     LEFT_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_PORT_FIELD_NUMBER: _ClassVar[int]
     open_round: int
     run_finished: bool
     reported: _containers.RepeatedScalarFieldContainer[str]
     left: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, open_round: _Optional[int] = ..., run_finished: _Optional[bool] = ..., reported: _Optional[_Iterable[str]] = ..., left: _Optional[_Iterable[str]] = ...) -> None: ...
+    liveness_port: int
+    def __init__(self, open_round: _Optional[int] = ..., run_finished: _Optional[bool] = ..., reported: _Optional[_Iterable[str]] = ..., left: _Optional[_Iterable[str]] = ..., liveness_port: _Optional[int] = ...) -> None: ...
 
 class LatestRequest(_message.Message):
     __slots__ = ("peer_id", "round", "after_round")
