@@ -295,6 +295,14 @@ class RoundBook:
             round_, peer_id
         )
 
+    def done_with(self, round_: int) -> set[str]:
+        """Every member `_done_with` round_, at once: O(N), lock-free (C-level copies of dicts
+        and sets other threads may be changing). For the liveness mirror, which needs
+        `reported_to` of every source: one set, then membership tests."""
+        done = set(self.ledger.pending.get(round_, ())) | set(self.ledger.abandoned.get(round_, ()))
+        done.update(p for p, m in list(self.members.items()) if round_ in m.reported)
+        return done
+
     def reported_to(self, source: str, round_: int) -> list[str]:
         """Of the members `source` serves in `round_`, those done with it (see `reported`).
 
