@@ -541,6 +541,13 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = config_from_args(args)
             check_plugins(cfg)
+            if args.liveness_listen:
+                from fedmoe.common.netaddr import split_host_port
+
+                try:
+                    split_host_port(args.liveness_listen)
+                except ValueError as e:
+                    raise SystemExit(f"coordinator: --liveness-listen: {e}") from e
             return run_coordinator(
                 cfg,
                 args.listen,

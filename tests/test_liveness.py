@@ -374,3 +374,14 @@ def test_fedmoe_local_liveness_under_mutual_tls(tmp_path: Path) -> None:
     assert answered and int(answered.group(1)) > 0 and "refused 0" in log, log[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["coordinator_view"]["bytes_received"] == s["bytes_by_direction"]["coordinator_sent"]
+
+
+def test_a_bad_liveness_address_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*FEDMOE, "coordinator", "--listen", "127.0.0.1:0", "--liveness-listen", "nonsense"]
+        + ["--peers", "2", "--dataset", "synthetic", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "--liveness-listen: 'nonsense' is not HOST:PORT" in done.stderr, done.stderr[-2000:]
+    assert "FEDMOE_LISTENING" not in done.stdout
