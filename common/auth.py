@@ -10,9 +10,11 @@ import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 from fedmoe.common.atomic import atomic_write_bytes
+from fedmoe.common.refusal import Reason, Refused
 
 TOKEN_METADATA = "x-fedmoe-token"
 SESSION_METADATA = "x-fedmoe-session"
@@ -49,6 +51,20 @@ def new_token_file(path: Path) -> str:
     token = secrets.token_urlsafe(32)
     atomic_write_bytes(path, (token + "\n").encode(), mode=0o600)
     return token
+
+
+MAX_SECRET_CHARS = 128  # a longer session or member secret is none (never hashed)
+UNKNOWN_SESSION = "unknown or expired session: join the run first"
+
+
+def session_owner(sessions: Mapping[str, str], session: str) -> str:
+    """The peer_id whose session `session` is, from digest -> peer_id, or Refused: the one
+    session check of the coordinator's membership and of its liveness process's mirror."""
+    if session and len(session) <= MAX_SECRET_CHARS:
+        peer_id = sessions.get(secret_digest(session))
+        if peer_id is not None:
+            return peer_id
+    raise Refused(Reason.UNKNOWN_CALLER, UNKNOWN_SESSION)
 
 
 def secret_digest(secret: str) -> str:

@@ -40,10 +40,12 @@ from typing import IO, Any
 
 import grpc
 
-from fedmoe.common.auth import SESSION_METADATA, secret_digest
+from fedmoe.common.auth import SESSION_METADATA, session_owner
 from fedmoe.common.grpc_options import SERVER_OPTIONS
+from fedmoe.common.grpc_status import status_of
 from fedmoe.common.logsafe import clip, clip_text
 from fedmoe.common.proto import pb, rpc
+from fedmoe.common.refusal import Reason, Refused
 from fedmoe.common.tls import TlsFiles, add_port
 
 log = logging.getLogger("fedmoe.liveness")
@@ -52,17 +54,9 @@ log = logging.getLogger("fedmoe.liveness")
 # peers), and an update costs the coordinator ~2 ms of its GIL at 1,000 peers.
 PUBLISH_SECONDS = 0.1
 FLUSH_SECONDS = 0.05  # how late the coordinator learns of a heartbeat (peer timeout: seconds)
-MAX_SECRET_CHARS = 128  # coordinator/membership.py: a longer session is no session
 MAX_REQUEST_BYTES = 1024  # a HeartbeatRequest is a peer id and a round
 MAX_METADATA_BYTES = 8192
 REFUSALS_LOG_SECONDS = 10.0  # refusals are logged as a count this often, not one line each
-UNKNOWN_SESSION = "unknown or expired session: join the run first"
-
-
-class Refusal(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # ---------------------------------------------------------------- the child's mirror
@@ -101,21 +95,14 @@ class LivenessView:
             self.reported.pop(int(r), None)
 
     def answer(self, session: str, request: pb.HeartbeatRequest) -> tuple[str, pb.HeartbeatReply]:
-        """(peer_id, reply), or Refusal with the Coordinator's Heartbeat's code and message."""
-        peer_id = None
-        if session and len(session) <= MAX_SECRET_CHARS:
-            peer_id = self.sessions.get(secret_digest(session))
-        if peer_id is None:
-            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, UNKNOWN_SESSION)
+        """(peer_id, reply), or Refused with the Coordinator's Heartbeat's reason and message."""
+        peer_id = session_owner(self.sessions, session)
         if request.peer_id and request.peer_id != peer_id:
-            raise Refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"session of {peer_id} used as {clip_text(request.peer_id)}",
+            raise Refused(
+                Reason.NOT_ALLOWED, f"session of {peer_id} used as {clip_text(request.peer_id)}"
             )
         if request.round > self.rounds + 1:
-            raise Refusal(
-                grpc.StatusCode.INVALID_ARGUMENT, f"round {request.round} is past the run's end"
-            )
+            raise Refused(Reason.BAD_REQUEST, f"round {request.round} is past the run's end")
         reply = pb.HeartbeatReply(
             open_round=self.open_round,
             run_finished=self.finished,
@@ -165,10 +152,11 @@ class LivenessServicer(rpc.LivenessServicer):
                 break
         try:
             peer_id, reply = self.view.answer(session, request)
-        except Refusal as e:
+        except Refused as e:
+            code = status_of(e.reason)
             self.refused += 1
-            self.last_refusal = f"{clip(context.peer(), 80)}: {e.code.name}: {clip(str(e), 120)}"
-            await context.abort(e.code, str(e))
+            self.last_refusal = f"{clip(context.peer(), 80)}: {code.name}: {clip(str(e), 120)}"
+            await context.abort(code, str(e))
             raise AssertionError("unreachable") from None  # abort raises
         self.answered += 1
         self.pending.seen.add(peer_id)

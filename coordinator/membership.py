@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedmoe.common.auth import secret_digest
+from fedmoe.common.auth import MAX_SECRET_CHARS, secret_digest, session_owner
 from fedmoe.common.config import participants, takes_part
 from fedmoe.common.netaddr import check_advertise
 from fedmoe.common.proto import pb
@@ -21,7 +21,6 @@ from fedmoe.common.refusal import Reason, Refused
 # The event log is bounded: a member (or a stolen token) that rejoins in a loop cannot grow the
 # coordinator's memory or its checkpoint. The oldest events give way; their count is kept.
 MAX_EVENTS = 512
-MAX_SECRET_CHARS = 128
 
 
 @dataclass
@@ -187,11 +186,7 @@ class Membership:
         return dict(self._sessions)
 
     def authenticate(self, session: str) -> Member:
-        if session and len(session) <= MAX_SECRET_CHARS:
-            peer_id = self._sessions.get(secret_digest(session))
-            if peer_id is not None:
-                return self.members[peer_id]
-        raise Refused(Reason.UNKNOWN_CALLER, "unknown or expired session: join the run first")
+        return self.members[session_owner(self._sessions, session)]
 
     def seen(self, member: Member, open_round: int) -> bool:
         """A heartbeat; True if the member was silent and is back."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fedmoe.common.atomic import atomic_write, atomic_write_bytes
+from fedmoe.common.auth import MAX_SECRET_CHARS
 
 
 class PeerCheckpoint:
@@ -34,7 +35,6 @@ class PeerCheckpoint:
 
 
 # A member secret is a short token from the coordinator; anything longer is not one of ours.
-MAX_SECRET_CHARS = 128
 
 
 class MemberSecret:

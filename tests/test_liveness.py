@@ -25,8 +25,10 @@ import pytest
 
 from fedmoe.common.auth import SESSION_METADATA
 from fedmoe.common.grpc_options import CHANNEL_OPTIONS
+from fedmoe.common.grpc_status import status_of
 from fedmoe.common.proto import pb, rpc
-from fedmoe.coordinator.liveness import BookMirror, LivenessView, Refusal
+from fedmoe.common.refusal import Refused
+from fedmoe.coordinator.liveness import BookMirror, LivenessView
 from fedmoe.coordinator.service import CoordinatorService
 from tests.cluster import FEDMOE, Cluster, rss_mb
 from tests.test_hostile_coordinator import TOKEN, Member
@@ -67,8 +69,8 @@ def coordinator_says(service: CoordinatorService, session: str, peer: str, round
 def liveness_says(view: LivenessView, session: str, peer: str, round_: int) -> Any:
     try:
         return view.answer(session, pb.HeartbeatRequest(peer_id=peer, round=round_))[1]
-    except Refusal as e:
-        return e.code
+    except Refused as e:
+        return status_of(e.reason)
 
 
 def test_the_mirror_answers_as_the_coordinator_in_every_state() -> None:
@@ -141,8 +143,8 @@ def test_the_liveness_view_refuses_what_the_coordinator_refuses() -> None:
     def code(session: str, peer: str, round_: int = 1) -> grpc.StatusCode | None:
         try:
             view.answer(session, pb.HeartbeatRequest(peer_id=peer, round=round_))
-        except Refusal as e:
-            return e.code
+        except Refused as e:
+            return status_of(e.reason)
         return None
 
     assert code(a.session, "peer-0") is None
