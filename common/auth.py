@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fedmoe.common.atomic import atomic_write_bytes
+from fedmoe.common.logsafe import clip_text
 from fedmoe.common.refusal import Reason, Refused
 
 TOKEN_METADATA = "x-fedmoe-token"
@@ -65,6 +66,13 @@ def session_owner(sessions: Mapping[str, str], session: str) -> str:
         if peer_id is not None:
             return peer_id
     raise Refused(Reason.UNKNOWN_CALLER, UNKNOWN_SESSION)
+
+
+def acting_as(peer_id: str, claimed: str) -> None:
+    """A session may act only as its own member: `claimed` (a request's peer_id, empty for
+    "myself") must be `peer_id`, or Refused (the caller's string clipped in the message)."""
+    if claimed and claimed != peer_id:
+        raise Refused(Reason.NOT_ALLOWED, f"session of {peer_id} used as {clip_text(claimed)}")
 
 
 def secret_digest(secret: str) -> str:

@@ -31,9 +31,9 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from fedmoe.common.auth import SESSION_METADATA, TOKEN_METADATA
+from fedmoe.common.auth import SESSION_METADATA, TOKEN_METADATA, acting_as
 from fedmoe.common.grpc_status import status_of
-from fedmoe.common.logsafe import clip, clip_text
+from fedmoe.common.logsafe import clip
 from fedmoe.common.proto import pb, rpc
 from fedmoe.common.refusal import Reason, Refused
 from fedmoe.common.tensors import TensorAssembler, WireError
@@ -197,14 +197,9 @@ class AioCoordinatorService(rpc.CoordinatorServicer):
         itself. Read from metadata before anything of a request stream."""
         try:
             member = self.book.authenticate(_metadata(context, SESSION_METADATA))
+            acting_as(member.peer_id, peer_id)
         except Refused as e:
             await _refuse(context, e)
-        if peer_id and peer_id != member.peer_id:
-            await _abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"session of {member.peer_id} used as {clip_text(peer_id)}",
-            )
         return member
 
     @asynccontextmanager
@@ -309,12 +304,10 @@ class AioCoordinatorService(rpc.CoordinatorServicer):
                 "an update stream must start with its header",
             )
         header = first.header
-        if header.peer_id and header.peer_id != member.peer_id:
-            await _abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"session of {member.peer_id} used as {clip_text(header.peer_id)}",
-            )
+        try:
+            acting_as(member.peer_id, header.peer_id)
+        except Refused as e:
+            await _refuse(context, e)
         tensors: dict = {}
         try:
             self.book.check_round(header.round)

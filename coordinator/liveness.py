@@ -40,10 +40,10 @@ from typing import IO, Any
 
 import grpc
 
-from fedmoe.common.auth import SESSION_METADATA, session_owner
+from fedmoe.common.auth import SESSION_METADATA, acting_as, session_owner
 from fedmoe.common.grpc_options import SERVER_OPTIONS
 from fedmoe.common.grpc_status import status_of
-from fedmoe.common.logsafe import clip, clip_text
+from fedmoe.common.logsafe import clip
 from fedmoe.common.proto import pb, rpc
 from fedmoe.common.refusal import Reason, Refused
 from fedmoe.common.tls import TlsFiles, add_port
@@ -97,10 +97,7 @@ class LivenessView:
     def answer(self, session: str, request: pb.HeartbeatRequest) -> tuple[str, pb.HeartbeatReply]:
         """(peer_id, reply), or Refused with the Coordinator's Heartbeat's reason and message."""
         peer_id = session_owner(self.sessions, session)
-        if request.peer_id and request.peer_id != peer_id:
-            raise Refused(
-                Reason.NOT_ALLOWED, f"session of {peer_id} used as {clip_text(request.peer_id)}"
-            )
+        acting_as(peer_id, request.peer_id)
         if request.round > self.rounds + 1:
             raise Refused(Reason.BAD_REQUEST, f"round {request.round} is past the run's end")
         reply = pb.HeartbeatReply(

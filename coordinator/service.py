@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import grpc
 
 from fedmoe.common.accounting import PHASES
-from fedmoe.common.auth import SESSION_METADATA, TOKEN_METADATA
+from fedmoe.common.auth import SESSION_METADATA, TOKEN_METADATA, acting_as
 from fedmoe.common.config import ALGORITHM_NAMES, upload_prefixes, wire_dtype
 from fedmoe.common.grpc_status import status_of
 from fedmoe.common.logsafe import clip, clip_text
@@ -188,14 +188,9 @@ class CoordinatorService(rpc.CoordinatorServicer):
         is refused at once and holds no thread."""
         try:
             member = self.book.authenticate(_metadata(context, SESSION_METADATA))
+            acting_as(member.peer_id, peer_id)
         except Refused as e:
             _refuse(context, e)
-        if peer_id and peer_id != member.peer_id:
-            _abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"session of {member.peer_id} used as {clip_text(peer_id)}",
-            )
         return member
 
     @contextmanager
@@ -322,12 +317,10 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 "an update stream must start with its header",
             )
         header = first.header
-        if header.peer_id and header.peer_id != member.peer_id:
-            _abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"session of {member.peer_id} used as {clip_text(header.peer_id)}",
-            )
+        try:
+            acting_as(member.peer_id, header.peer_id)
+        except Refused as e:
+            _refuse(context, e)
         tensors: dict = {}
         try:
             self.book.check_round(header.round)
