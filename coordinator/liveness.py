@@ -406,6 +406,7 @@ class LivenessProcess:
         self._publish()  # the mirror is whole before the port is handed to anyone
         self._publisher.start()
         self._reader.start()
+        book.liveness_port = self.port  # later joins and heartbeat replies name it
 
     def _exchange(self, line: str, timeout: float) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -516,20 +517,6 @@ class LivenessProcess:
             self.proc.kill()
             self.proc.wait()
         self._reader.join(timeout)
-
-
-def start_liveness(
-    book: Any,
-    counter: Any,
-    told_finished: set[str],
-    listen: str,
-    tls: TlsFiles | None,
-    max_calls: int,
-) -> LivenessProcess:
-    """Start the liveness process and hand its port to every later join."""
-    process = LivenessProcess(book, counter, told_finished, listen, tls, max_calls)
-    book.liveness_port = process.port
-    return process
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from fedmoe.common.wire_counters import detect as detect_interfaces
 from fedmoe.coordinator.aio_server import AioServing
 from fedmoe.coordinator.board import RoundBoard
 from fedmoe.coordinator.checkpoint import CoordinatorCheckpoint
-from fedmoe.coordinator.liveness import LivenessProcess, start_liveness
+from fedmoe.coordinator.liveness import LivenessProcess
 from fedmoe.coordinator.results import RunResults
 from fedmoe.coordinator.rounds import RoundBook
 from fedmoe.coordinator.service import CoordinatorService, heartbeat_ms
@@ -252,7 +252,7 @@ def run_coordinator(
     liveness: LivenessProcess | None = None
     if liveness_listen:
         try:
-            liveness = start_liveness(
+            liveness = LivenessProcess(
                 book, counter, serving.told_finished, liveness_listen, tls, workers
             )
         except RuntimeError as e:
