@@ -3,7 +3,10 @@
 The peers speak the real protocol over real gRPC (Join, Heartbeat, SubmitUpdate with tensors of
 the run's shapes, GetRoundResult, ReportMetrics) but train nothing and fetch no experts: what is
 measured is the coordinator. They are hosted as asyncio tasks (grpc.aio) in a few OS processes,
-each virtual peer on a channel (TCP connection) of its own, as N real peers would be.
+each virtual peer on a channel (TCP connection) of its own, as N real peers would be. Their
+heartbeats come from a thread per peer with blocking calls, as a real peer's do, in a process
+beside each worker (a real peer's heartbeat thread does not share its process with 249 other
+peers' uploads and results; see BeatLink).
 
   .venv/bin/python bench/scale.py --peers 1000
   .venv/bin/python bench/scale.py --peers 100 --procs 4 --rounds 5 --peer-timeout 10
@@ -11,9 +14,9 @@ each virtual peer on a channel (TCP connection) of its own, as N real peers woul
 The coordinator answers heartbeats from its liveness process (`--liveness-listen`,
 coordinator/liveness.py) unless --no-liveness; the virtual peers use it as real ones do (the
 coordinator's own Heartbeat when it fails: heartbeat_fallbacks). --probe-peers K (default 10)
-peers are hosted in a process of their own, so that their heartbeat figures show the
-coordinator's answer time apart from the bench's own crowding (the other peers share --procs
-processes, 250 each at N = 1,000, on the same cores).
+peers are hosted in a worker of their own (with its own heartbeat process), so that their
+figures can be compared with those of the peers in the --procs crowded workers (250 each at
+N = 1,000, on the same cores).
 
 Prints one JSON line: peers, join_seconds (first Join sent -> all joined), heartbeat_p50_ms and
 heartbeat_p99_ms (client-side latency of every heartbeat during the run; probe_heartbeat_* the
@@ -25,8 +28,10 @@ here in an idle process is plan_seconds_isolated),
 coordinator_rss_mb (VmHWM), coordinator_cpu_seconds, coordinator_threads_max,
 liveness_rss_mb and liveness_cpu_seconds (its liveness process, apart),
 coordinator_loop_lag_ms (the aio server's event-loop lag, p50/p99/max, from its log),
-worker_loop_lag_ms (the same for the bench's own worker processes), rounds,
-total_seconds, errors. --py-spy BIN or --cprofile profile the coordinator (files in --out).
+worker_loop_lag_ms (the same for the bench's own worker processes), worker_cpu_seconds (the
+bench's own processes that host the peers and their heartbeats, on the same cores), rounds,
+total_seconds, errors. Every peer's timeline is in OUT/peers.json. --py-spy BIN or --cprofile
+profile the coordinator (files in --out).
 
 Channels are connected before the first Join is sent (all workers start together on a "GO"
 line), so join_seconds measures the coordinator, not process start-up. Heartbeats start at a
@@ -43,6 +48,7 @@ import platform
 import queue
 import random
 import re
+import resource
 import secrets
 import shlex
 import subprocess
@@ -93,10 +99,7 @@ class VirtualPeer:
     join_done: float = 0.0
     # round -> {"upload": t, "ack": t, "plan": t, "result": t, "report": t, "rows": n}
     rounds: dict[int, dict[str, float]] = field(default_factory=dict)
-    heartbeats_ms: list[float] = field(default_factory=list)
-    heartbeat_errors: int = 0
-    heartbeat_fallbacks: int = 0
-    heartbeat_error_codes: dict[str, int] = field(default_factory=dict)
+    beats: BeatLink | None = None  # this worker's heartbeat process
     error: str | None = None
 
     async def run(self) -> None:
@@ -111,23 +114,20 @@ class VirtualPeer:
         self.peer_id = reply.peer_id
         md = ((SESSION_METADATA, reply.session),)
         cfg = reply.config
-        done = asyncio.Event()
-        liveness = None
-        if reply.liveness_port:  # heartbeats to the coordinator's liveness process, as a peer
-            host = self.address.rsplit(":", 1)[0]
-            liveness = grpc.aio.insecure_channel(
-                f"{host}:{reply.liveness_port}", options=PEER_CHANNEL_OPTIONS
+        if self.beats is not None:  # from here on this peer heartbeats (another process)
+            self.beats.send(
+                i=self.index,
+                peer=self.peer_id,
+                session=reply.session,
+                every=reply.heartbeat_ms / 1000,
+                port=reply.liveness_port,
+                round=self.round,
             )
-        beats = asyncio.create_task(
-            self.heartbeats(stub, liveness, md, reply.heartbeat_ms / 1000, done)
-        )
         try:
             await self.rounds_loop(stub, md, cfg, max(1, reply.start_round))
         finally:
-            done.set()
-            await beats
-            if liveness is not None:
-                await liveness.close()
+            if self.beats is not None:
+                self.beats.send(i=self.index, stop=True)
 
     async def rounds_loop(
         self,
@@ -140,9 +140,15 @@ class VirtualPeer:
         rng = np.random.default_rng(self.index)
         for r in range(start, cfg.rounds + 1):
             self.round = r
+            if self.beats is not None:
+                self.beats.send(i=self.index, round=r)
             # Stand-in for local training (heartbeats go on meanwhile); a little jitter, as
-            # peers never finish at the same instant.
-            await asyncio.sleep(self.train_seconds * random.uniform(0.95, 1.0))
+            # peers never finish at the same instant. The update is made at a random moment of
+            # it, as a real peer's comes out of its training: not all 1,000 in the same 0.15 s
+            # on the coordinator's cores, just before they upload.
+            train = self.train_seconds * random.uniform(0.95, 1.0)
+            made_at = random.uniform(0.0, 0.9) * train
+            await asyncio.sleep(made_at)
             prefixes = upload_prefixes(cfg, r)
             # Every peer its own random tensors: identical gates would make every plan row one
             # big tie (the whole pool), which is not the case being measured.
@@ -154,6 +160,7 @@ class VirtualPeer:
             header = pb.UpdateHeader(peer_id=self.peer_id, round=r, num_samples=NUM_SAMPLES)
             parts = [pb.UpdatePart(header=header)]
             parts += [pb.UpdatePart(chunk=c) for c in chunk_tensors(wire, cfg.chunk_bytes)]
+            await asyncio.sleep(train - made_at)
             t: dict[str, float] = {"upload": time.monotonic()}
             self.rounds[r] = t
             await stub.SubmitUpdate(iter(parts), metadata=md, timeout=self.call_timeout)
@@ -177,58 +184,166 @@ class VirtualPeer:
             await stub.ReportMetrics(report, metadata=md, timeout=self.call_timeout)
             t["report"] = time.monotonic()
 
-    async def heartbeats(
-        self,
-        stub: rpc.CoordinatorStub,
-        liveness: grpc.aio.Channel | None,
-        md: tuple[tuple[str, str], ...],
-        interval: float,
-        done: asyncio.Event,
-    ) -> None:
-        # As peer/coordinator_client.py: the liveness process first, the coordinator when it
-        # fails (each such beat is counted in heartbeat_fallbacks).
-        beat = stub.Heartbeat if liveness is None else rpc.LivenessStub(liveness).Heartbeat
-        delay = random.uniform(0, interval)
-        while True:
-            try:
-                await asyncio.wait_for(done.wait(), timeout=delay)
-                return  # the run is over for this peer
-            except asyncio.TimeoutError:
-                pass
-            started = time.perf_counter()
-            request = pb.HeartbeatRequest(peer_id=self.peer_id, round=self.round)
-            try:
-                try:
-                    deadline = max(5.0, 2 * interval)
-                    if liveness is not None:  # the real client's: a quarter, 0.25-2 s
-                        deadline = max(0.25, min(2.0, deadline / 4))
-                    await beat(request, metadata=md, timeout=deadline)
-                except grpc.aio.AioRpcError:
-                    if beat == stub.Heartbeat:
-                        raise
-                    self.heartbeat_fallbacks += 1
-                    await stub.Heartbeat(request, metadata=md, timeout=max(5.0, 2 * interval))
-                self.heartbeats_ms.append(1000 * (time.perf_counter() - started))
-            except grpc.aio.AioRpcError as e:
-                self.heartbeat_errors += 1
-                code = e.code().name
-                self.heartbeat_error_codes[code] = self.heartbeat_error_codes.get(code, 0) + 1
-            # A fixed cadence, as a peer's heartbeat thread keeps: the next beat is due one
-            # interval after this one started.
-            delay = max(0.0, interval - (time.perf_counter() - started))
-
     def result(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "join_sent": self.join_sent,
             "join_done": self.join_done,
             "rounds": self.rounds,
-            "heartbeats_ms": [round(x, 3) for x in self.heartbeats_ms],
-            "heartbeat_errors": self.heartbeat_errors,
-            "heartbeat_fallbacks": self.heartbeat_fallbacks,
-            "heartbeat_error_codes": self.heartbeat_error_codes,
             "error": self.error,
         }
+
+
+# ---------------------------------------------------------------- heartbeats: a process per worker
+#
+# A real peer's heartbeat thread shares its process with one peer (or a peer host's few), not
+# with 250 virtual peers' uploads and result streams: in one process with them, a reply waited
+# for that process's GIL and event loop (1,000 peers: all-peer p99 62-195 ms while peers in a
+# process of their own saw 9-35 ms). So each worker's peers heartbeat from a process of their
+# own, with a thread per peer and blocking calls, as peer/coordinator_client.py does; the worker
+# tells it of joins, rounds and stops as JSON lines on its stdin. Same cores, same calls.
+
+
+class BeatLink:
+    """The worker's side: starts its heartbeat process and sends it what it needs."""
+
+    def __init__(self, address: str) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--heartbeats", address]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def send(self, **message: Any) -> None:
+        # A line of < 200 bytes into a pipe its reader drains at once: does not block the loop.
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+
+    def results(self) -> tuple[dict[int, dict[str, Any]], float]:
+        """Closes its stdin (every thread stops) and reads what it measured: per peer index,
+        and the process's CPU seconds."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        found: dict[str, Any] = {}
+        for line in self.proc.stdout:
+            if line.startswith("BEATS "):
+                found = json.loads(line[len("BEATS ") :])
+        self.proc.wait()
+        beats = {int(k): v for k, v in found.get("peers", {}).items()}
+        return beats, float(found.get("cpu_seconds", 0.0))
+
+
+class Beater:
+    """One virtual peer's heartbeat thread (in the heartbeat process)."""
+
+    def __init__(
+        self, address: str, peer_id: str, session: str, every: float, port: int, round_: int
+    ) -> None:
+        self.address = address
+        self.peer_id = peer_id
+        self.md = ((SESSION_METADATA, session),)
+        self.every = every
+        self.port = port
+        self.round = round_  # the worker sends the next ones
+        self.stop = threading.Event()
+        self.ms: list[float] = []
+        self.at: list[float] = []  # time.monotonic() at each start
+        self.errors = 0
+        self.fallbacks = 0
+        self.codes: dict[str, int] = {}
+        self.channels: list[grpc.Channel] = []  # closed once every thread has stopped
+        self.thread = threading.Thread(target=self.run, name=f"heartbeat-{peer_id}", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        # As peer/coordinator_client.py: the liveness process first, the coordinator when it
+        # fails (each such beat is counted in heartbeat_fallbacks).
+        coordinator = grpc.insecure_channel(self.address, options=PEER_CHANNEL_OPTIONS)
+        self.channels.append(coordinator)
+        stub = rpc.CoordinatorStub(coordinator)
+        beat, liveness = stub.Heartbeat, False
+        if self.port:
+            host = self.address.rsplit(":", 1)[0]
+            ch = grpc.insecure_channel(f"{host}:{self.port}", options=PEER_CHANNEL_OPTIONS)
+            self.channels.append(ch)
+            beat, liveness = rpc.LivenessStub(ch).Heartbeat, True
+        full = max(5.0, 2 * self.every)  # the real client's deadline; a quarter, 0.25-2 s, for
+        quarter = max(0.25, min(2.0, full / 4))  # the liveness process
+        delay = random.uniform(0, self.every)  # a random phase, as independently started peers
+        while not self.stop.wait(delay):
+            started = time.perf_counter()
+            at = time.monotonic()
+            request = pb.HeartbeatRequest(peer_id=self.peer_id, round=self.round)
+            try:
+                try:
+                    beat(request, metadata=self.md, timeout=quarter if liveness else full)
+                except grpc.RpcError:
+                    if not liveness:
+                        raise
+                    self.fallbacks += 1
+                    stub.Heartbeat(request, metadata=self.md, timeout=full)
+                self.ms.append(1000 * (time.perf_counter() - started))
+                self.at.append(at)
+            except grpc.RpcError as e:
+                self.errors += 1
+                code = e.code().name  # type: ignore[attr-defined]
+                self.codes[code] = self.codes.get(code, 0) + 1
+            # A fixed cadence, as a peer's heartbeat thread keeps: the next beat is due one
+            # interval after this one started.
+            delay = max(0.0, self.every - (time.perf_counter() - started))
+
+    @staticmethod
+    def none() -> dict[str, Any]:
+        """The result of a peer that never joined."""
+        return {
+            "heartbeats_ms": [],
+            "heartbeats_at": [],
+            "heartbeat_errors": 0,
+            "heartbeat_fallbacks": 0,
+            "heartbeat_error_codes": {},
+        }
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "heartbeats_ms": [round(x, 3) for x in self.ms],
+            "heartbeats_at": [round(x, 4) for x in self.at],
+            "heartbeat_errors": self.errors,
+            "heartbeat_fallbacks": self.fallbacks,
+            "heartbeat_error_codes": self.codes,
+        }
+
+
+def heartbeats_main(address: str) -> None:
+    """The heartbeat process: a Beater per joined peer, until its stdin closes."""
+    beaters: dict[int, Beater] = {}
+    for line in sys.stdin:
+        m = json.loads(line)
+        i = int(m["i"])
+        if "peer" in m:
+            beaters[i] = Beater(
+                address, m["peer"], m["session"], float(m["every"]), m["port"], int(m["round"])
+            )
+            continue
+        b = beaters.get(i)
+        if b is None:
+            continue
+        if "round" in m:
+            b.round = int(m["round"])
+        if m.get("stop"):
+            b.stop.set()
+    for b in beaters.values():
+        b.stop.set()
+    for b in beaters.values():
+        b.thread.join()
+    for b in beaters.values():  # after every thread: no teardown while others still beat
+        for ch in b.channels:
+            ch.close()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out = {
+        "peers": {i: b.result() for i, b in beaters.items()},
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+    }
+    print("BEATS " + json.dumps(out), flush=True)
 
 
 async def worker_main(
@@ -236,10 +351,11 @@ async def worker_main(
 ) -> None:
     channels = [grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS) for _ in indices]
     await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 120) for c in channels))
+    beats = BeatLink(address)
     print("READY", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # wait for GO
     peers = [
-        VirtualPeer(i, c, token, call_timeout, train_seconds, address)
+        VirtualPeer(i, c, token, call_timeout, train_seconds, address, beats=beats)
         for i, c in zip(indices, channels, strict=True)
     ]
 
@@ -256,10 +372,14 @@ async def worker_main(
     await asyncio.gather(*(guarded(p) for p in peers))
     probe.cancel()
     await asyncio.gather(*(c.close() for c in channels))
-    # This worker's own event-loop lag: the part of its peers' heartbeat latency spent waiting
-    # for their own process, not for the coordinator.
+    measured, beats_cpu = beats.results()
+    results = [{**p.result(), **measured.get(p.index, Beater.none())} for p in peers]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    # This worker's own event-loop lag (the wait of its peers' uploads and results for their
+    # own process), and the CPU of the worker and its heartbeat process.
     print("LAG " + json.dumps([round(1000 * x, 3) for x in lags]), flush=True)
-    print("RESULT " + json.dumps([p.result() for p in peers]), flush=True)
+    print("CPU " + json.dumps(usage.ru_utime + usage.ru_stime + beats_cpu), flush=True)
+    print("RESULT " + json.dumps(results), flush=True)
 
 
 LAG_PROBE_SECONDS = 0.01
@@ -499,6 +619,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     coord_lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=read_lines, args=(coordinator.stdout, coord_lines), daemon=True).start()
     workers: list[subprocess.Popen] = []
+    worker_cpu = 0.0
     try:
         address = wait_for(coord_lines, LISTENING, 120, "coordinator")
         for pid in child_pids(coordinator.pid):  # its liveness process, when it has one
@@ -532,6 +653,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         worker_lags: list[float] = []
         for k, q in enumerate(worker_lines):
             worker_lags += json.loads(wait_for(q, "LAG ", args.run_timeout, f"worker {k}"))
+            worker_cpu += float(wait_for(q, "CPU ", 60, f"worker {k}"))
             results += json.loads(wait_for(q, "RESULT ", 60, f"worker {k}"))
         finished = time.monotonic()
         try:
@@ -551,7 +673,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if profiler is not None:
             profiler.wait(timeout=60)  # it writes its file once the coordinator is gone
 
-    return summarize(args, out, results, started, finished, watch, worker_lags, child_watch)
+    # Every virtual peer's own timeline, for a closer look than the summary line.
+    (out / "peers.json").write_text(json.dumps(results))
+    return summarize(
+        args, out, results, started, finished, watch, worker_lags, child_watch, worker_cpu
+    )
 
 
 def summarize(
@@ -563,6 +689,7 @@ def summarize(
     watch: ProcWatch,
     worker_lags: list[float],
     child_watch: ProcWatch | None = None,
+    worker_cpu_seconds: float | None = None,
 ) -> dict[str, Any]:
     errors = [f"peer-{r['index']}: {r['error']}" for r in results if r["error"]]
     joined = [r for r in results if r["join_done"]]
@@ -613,9 +740,8 @@ def summarize(
         "heartbeat_p50_ms": percentile(beats, 50),
         "heartbeat_p99_ms": percentile(beats, 99),
         "heartbeat_max_ms": round(max(beats), 3) if beats else None,
-        # The same for the probe peers only: hosted in a process of their own, so their
-        # figures are the coordinator's answer time without the bench's own crowding (the
-        # other peers share 4 processes, ~250 each at N = 1,000, on the same 2 cores).
+        # The same for the probe peers only: hosted in a worker of their own, apart from
+        # the other peers' crowded workers (~250 each at N = 1,000, on the same 2 cores).
         "probe_peers": probe,
         "probe_heartbeats": len(probe_beats),
         "probe_heartbeat_p50_ms": percentile(probe_beats, 50),
@@ -640,7 +766,10 @@ def summarize(
         "liveness_rss_mb": round(child_watch.hwm_kb / 1024, 1) if child_watch else None,
         "liveness_cpu_seconds": round(child_watch.cpu_seconds, 2) if child_watch else None,
         "coordinator_loop_lag_ms": loop_lag(out / "coordinator.log"),
-        # the same for the bench's own worker processes (all of them together)
+        # CPU time of the bench's own processes that host the peers and their heartbeats (all
+        # of them together): they share the cores with the coordinator.
+        "worker_cpu_seconds": round(worker_cpu_seconds, 2) if worker_cpu_seconds else None,
+        # the coordinator's loop lag, the same for the bench's own worker processes
         "worker_loop_lag_ms": {
             "p50": percentile(worker_lags, 50),
             "p99": percentile(worker_lags, 99),
@@ -707,8 +836,12 @@ def main() -> None:
     p.add_argument("--py-spy", default=None, help="py-spy binary: profile the coordinator")
     p.add_argument("--out", default=None, help="run directory (default: a fresh temp dir)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # coordinator address
+    p.add_argument("--heartbeats", default=None, help=argparse.SUPPRESS)  # the same
     p.add_argument("--indices", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.heartbeats:
+        heartbeats_main(args.heartbeats)
+        return
     if args.worker:
         indices = [int(i) for i in args.indices.split(",") if i]
         token = os.environ["FEDMOE_TOKEN"]

@@ -57,11 +57,14 @@ T = TypeVar("T")
 # Threads for the calls into the book that take its lock: they queue on that one lock anyway,
 # so a few are enough; more would only compete with the loop for the GIL.
 BOOK_THREADS = 4
-# Result streams written at once. At a round close every held wait ends together; with a few
-# streams at a time a heartbeat waits behind a few writes on the loop, not ~N. A stream that
-# cannot get a slot in SENDER_WAIT_SECONDS (slots held by readers that stopped reading) goes on
-# without one, so stalled readers can slow the delivery but never stop it.
-DELIVERIES = 16
+# Result streams written at once. At a round close every held wait ends together; a bound
+# keeps the loop's other calls from queueing behind ~N writes at once. Each write waits a turn
+# of a busy loop, so the bound sets the pace: at 1,000 peers on 2 cores (bench/scale.py),
+# 16 slots delivered the results in 1.2-2.2 s (event-loop lag p99 ~17 ms), 128 in 1.1-1.3 s
+# (~35 ms), and no bound in 0.5-0.7 s (60-70 ms). A stream that cannot get a slot in
+# SENDER_WAIT_SECONDS (slots held by readers that stopped reading) goes on without one, so
+# stalled readers can slow the delivery but never stop it.
+DELIVERIES = 128
 # A waiting call re-checks at least this often even without a wake-up from the book: a bound on
 # what a missed wake-up could cost (one cheap lock-free check per held call per second).
 RECHECK_SECONDS = 1.0

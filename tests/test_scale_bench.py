@@ -45,6 +45,15 @@ def test_scale_bench_runs_the_protocol_and_reports_both_loops(
         assert re.search(r"answered [1-9]\d* heartbeat", log), log[-2000:]
     else:
         assert line["liveness_rss_mb"] is None and line["heartbeat_fallbacks"] == 0
+    # Every peer heartbeat, from its worker's heartbeat process (the timings reach the line
+    # through the worker), and every peer's rounds are in its timeline.
+    peers = json.loads((tmp_path / "run" / "peers.json").read_text())
+    assert sorted(p["index"] for p in peers) == list(range(6))
+    assert all(
+        p["heartbeats_ms"] and len(p["heartbeats_at"]) == len(p["heartbeats_ms"]) for p in peers
+    )
+    assert all(sorted(p["rounds"]) == ["1", "2"] for p in peers)
+    assert line["worker_cpu_seconds"] > 0
     lag = line["worker_loop_lag_ms"]
     assert lag["p99"] is not None and lag["max"] >= lag["p99"] >= lag["p50"] >= 0
     if server == "aio":  # only the event-loop server has a loop to probe
