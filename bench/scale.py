@@ -181,6 +181,10 @@ class VirtualPeer:
                     t["plan"] = time.monotonic()
                     t["rows"] = len(part.plan.rows)
             t["result"] = time.monotonic()
+            if r == cfg.rounds and self.beats is not None:
+                # As a real peer (peer/runner.py): no heartbeats after the last report, which
+                # the coordinator holds until the run is over (then its ports close).
+                self.beats.send(i=self.index, stop=True)
             report = pb.MetricsReport(
                 peer_id=self.peer_id,
                 round=r,
@@ -264,6 +268,10 @@ class Beater:
     def run(self) -> None:
         # As peer/coordinator_client.py: the liveness process first, the coordinator when it
         # fails (each such beat is counted in heartbeat_fallbacks).
+        # A random phase, as independently started peers; the channels are made then, so that
+        # 1,000 of them are not made in the same second as the joins.
+        if self.stop.wait(random.uniform(0, self.every)):
+            return
         coordinator = grpc.insecure_channel(self.address, options=PEER_CHANNEL_OPTIONS)
         self.channels.append(coordinator)
         stub = rpc.CoordinatorStub(coordinator)
@@ -275,7 +283,7 @@ class Beater:
             beat, liveness = rpc.LivenessStub(ch).Heartbeat, True
         full = max(5.0, 2 * self.every)  # the real client's deadline; a quarter, 0.25-2 s, for
         quarter = max(0.25, min(2.0, full / 4))  # the liveness process
-        delay = random.uniform(0, self.every)  # a random phase, as independently started peers
+        delay = 0.0
         while not self.stop.wait(delay):
             started = time.perf_counter()
             at = time.monotonic()
