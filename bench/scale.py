@@ -6,7 +6,9 @@ measured is the coordinator. They are hosted as asyncio tasks (grpc.aio) in a fe
 each virtual peer on a channel (TCP connection) of its own, as N real peers would be. Their
 heartbeats come from a thread per peer with blocking calls, as a real peer's do, in a process
 beside each worker (a real peer's heartbeat thread does not share its process with 249 other
-peers' uploads and results; see BeatLink).
+peers' uploads and results; see BeatLink). The workers run at nice 10 (--worker-nice; see
+WORKER_NICE): the load yields the shared cores to the coordinator, its liveness process and the
+heartbeat processes, as peers on machines of their own would.
 
   .venv/bin/python bench/scale.py --peers 1000
   .venv/bin/python bench/scale.py --peers 100 --procs 4 --rounds 5 --peer-timeout 10
@@ -63,6 +65,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the project importable
     sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # `python bench/scale.py` with a Python that lacks the packages
+    from bench.venv import use_project_venv
+
+    use_project_venv()
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
