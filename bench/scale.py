@@ -133,7 +133,7 @@ class VirtualPeer:
                 session=reply.session,
                 every=reply.heartbeat_ms / 1000,
                 port=reply.liveness_port,
-                round=self.round,
+                round=max(1, reply.start_round),  # the round it is about to work on
             )
         try:
             await self.rounds_loop(stub, md, cfg, max(1, reply.start_round))
@@ -229,24 +229,37 @@ class BeatLink:
             cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
 
+        self.failure: str | None = None  # why it stopped answering, once it did
+
     def send(self, **message: Any) -> None:
         # A line of < 200 bytes into a pipe its reader drains at once: does not block the loop.
+        if self.failure is not None:
+            return
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(message) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except OSError as e:  # it is gone: the peers' heartbeats stopped with it
+            self.failure = f"heartbeat process gone ({type(e).__name__}; exit {self.proc.poll()})"
 
-    def results(self) -> tuple[dict[int, dict[str, Any]], float]:
+    def results(self) -> tuple[dict[int, dict[str, Any]], float, str | None]:
         """Closes its stdin (every thread stops) and reads what it measured: per peer index,
-        and the process's CPU seconds."""
+        the process's CPU seconds, and what went wrong with it (None: nothing)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.close()
-        found: dict[str, Any] = {}
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass  # a write it never read: it is gone, which the exit status says
+        found: dict[str, Any] | None = None
         for line in self.proc.stdout:
             if line.startswith("BEATS "):
                 found = json.loads(line[len("BEATS ") :])
-        self.proc.wait()
+        code = self.proc.wait()
+        if found is None or code != 0:
+            self.failure = self.failure or f"heartbeat process exited {code} without results"
+            found = found or {}
         beats = {int(k): v for k, v in found.get("peers", {}).items()}
-        return beats, float(found.get("cpu_seconds", 0.0))
+        return beats, float(found.get("cpu_seconds", 0.0)), self.failure
 
 
 class Beater:
@@ -307,6 +320,10 @@ class Beater:
             except grpc.RpcError as e:
                 self.errors += 1
                 code = e.code().name  # type: ignore[attr-defined]
+                self.codes[code] = self.codes.get(code, 0) + 1
+            except Exception as e:  # counted, never the silent end of this peer's heartbeats
+                self.errors += 1
+                code = type(e).__name__
                 self.codes[code] = self.codes.get(code, 0) + 1
             # A fixed cadence, as a peer's heartbeat thread keeps: the next beat is due one
             # interval after this one started.
@@ -374,11 +391,13 @@ async def worker_main(
     train_seconds: float,
     nice: int,
 ) -> None:
+    beats = BeatLink(address)  # started first: it keeps the default priority
+    # The load yields the cores to what is measured (see --worker-nice). Before any channel:
+    # niceness is per thread on Linux, and gRPC's own threads (its event engine, poller and
+    # timer), made with the first channel, inherit it from this one.
+    os.nice(nice)
     channels = [grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS) for _ in indices]
     await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 120) for c in channels))
-    beats = BeatLink(address)  # started first: it keeps the default priority
-    # The load yields the cores to what is measured (see --worker-nice).
-    os.nice(nice)
     print("READY", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # wait for GO
     peers = [
@@ -399,13 +418,16 @@ async def worker_main(
     await asyncio.gather(*(guarded(p) for p in peers))
     probe.cancel()
     await asyncio.gather(*(c.close() for c in channels))
-    measured, beats_cpu = beats.results()
+    measured, beats_cpu, failure = beats.results()
+    for p in peers:  # heartbeats that were never measured are an error, not a smaller sample
+        if failure is not None and p.error is None:
+            p.error = failure
     results = [{**p.result(), **measured.get(p.index, Beater.none())} for p in peers]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     # This worker's own event-loop lag (the wait of its peers' uploads and results for their
-    # own process), and the CPU of the worker and its heartbeat process.
+    # own process), and the CPU of the worker and of its heartbeat process.
     print("LAG " + json.dumps([round(1000 * x, 3) for x in lags]), flush=True)
-    print("CPU " + json.dumps(usage.ru_utime + usage.ru_stime + beats_cpu), flush=True)
+    print("CPU " + json.dumps([usage.ru_utime + usage.ru_stime, beats_cpu]), flush=True)
     print("RESULT " + json.dumps(results), flush=True)
 
 
@@ -646,7 +668,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     coord_lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=read_lines, args=(coordinator.stdout, coord_lines), daemon=True).start()
     workers: list[subprocess.Popen] = []
-    worker_cpu = 0.0
+    worker_cpu = heartbeat_cpu = 0.0
     try:
         address = wait_for(coord_lines, LISTENING, 120, "coordinator")
         for pid in child_pids(coordinator.pid):  # its liveness process, when it has one
@@ -681,7 +703,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         worker_lags: list[float] = []
         for k, q in enumerate(worker_lines):
             worker_lags += json.loads(wait_for(q, "LAG ", args.run_timeout, f"worker {k}"))
-            worker_cpu += float(wait_for(q, "CPU ", 60, f"worker {k}"))
+            own, of_beats = json.loads(wait_for(q, "CPU ", 60, f"worker {k}"))
+            worker_cpu += float(own)
+            heartbeat_cpu += float(of_beats)
             results += json.loads(wait_for(q, "RESULT ", 60, f"worker {k}"))
         finished = time.monotonic()
         try:
@@ -704,7 +728,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     # Every virtual peer's own timeline, for a closer look than the summary line.
     (out / "peers.json").write_text(json.dumps(results))
     return summarize(
-        args, out, results, started, finished, watch, worker_lags, child_watch, worker_cpu
+        args,
+        out,
+        results,
+        started,
+        finished,
+        watch,
+        worker_lags,
+        child_watch,
+        worker_cpu,
+        heartbeat_cpu,
     )
 
 
@@ -718,6 +751,7 @@ def summarize(
     worker_lags: list[float],
     child_watch: ProcWatch | None = None,
     worker_cpu_seconds: float | None = None,
+    heartbeat_cpu_seconds: float | None = None,
 ) -> dict[str, Any]:
     errors = [f"peer-{r['index']}: {r['error']}" for r in results if r["error"]]
     joined = [r for r in results if r["join_done"]]
@@ -794,9 +828,13 @@ def summarize(
         "liveness_rss_mb": round(child_watch.hwm_kb / 1024, 1) if child_watch else None,
         "liveness_cpu_seconds": round(child_watch.cpu_seconds, 2) if child_watch else None,
         "coordinator_loop_lag_ms": loop_lag(out / "coordinator.log"),
-        # CPU time of the bench's own processes that host the peers and their heartbeats (all
-        # of them together): they share the cores with the coordinator.
+        # CPU time of the bench's own processes (all of them together), which share the cores
+        # with the coordinator: the workers (joins, uploads, results, reports) and, apart,
+        # the heartbeat processes beside them.
         "worker_cpu_seconds": round(worker_cpu_seconds, 2) if worker_cpu_seconds else None,
+        "heartbeat_procs_cpu_seconds": (
+            round(heartbeat_cpu_seconds, 2) if heartbeat_cpu_seconds else None
+        ),
         # the coordinator's loop lag, the same for the bench's own worker processes
         "worker_loop_lag_ms": {
             "p50": percentile(worker_lags, 50),

@@ -285,8 +285,9 @@ class BookMirror:
         # (built once per round, not on every update).
         self._sorted: dict[int, tuple[Any, dict[str, list[str]]]] = {}
         # Per closed round: (closed, done set, rows) of the last snapshot, so that a round
-        # whose done set has not changed costs one C-level set comparison, not O(N P) of
-        # Python (at 1,000 peers most updates change at most one round, or only sessions).
+        # whose done set has not changed costs its done set (`done_with`, O(N)) and one set
+        # comparison, not rebuilding and diffing every source's rows (O(N P) of Python; at
+        # 1,000 peers most updates change at most one round, or only sessions).
         self._rows: dict[int, tuple[Any, set[str], dict[str, list[str]]]] = {}
 
     def _requesters(self, round_: int, closed: Any) -> dict[str, list[str]]:

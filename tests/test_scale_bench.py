@@ -53,7 +53,11 @@ def test_scale_bench_runs_the_protocol_and_reports_both_loops(
         p["heartbeats_ms"] and len(p["heartbeats_at"]) == len(p["heartbeats_ms"]) for p in peers
     )
     assert all(sorted(p["rounds"]) == ["1", "2"] for p in peers)
-    assert line["worker_cpu_seconds"] > 0
+    for p in peers:  # each peer's beats: after its own join, none after its last report
+        assert p["join_done"] <= min(p["heartbeats_at"]), p["index"]
+        assert max(p["heartbeats_at"]) <= p["rounds"]["2"]["report"], p["index"]
+    assert line["heartbeat_errors"] == 0, line["heartbeat_error_codes"]
+    assert line["worker_cpu_seconds"] > 0 and line["heartbeat_procs_cpu_seconds"] > 0
     lag = line["worker_loop_lag_ms"]
     assert lag["p99"] is not None and lag["max"] >= lag["p99"] >= lag["p50"] >= 0
     if server == "aio":  # only the event-loop server has a loop to probe
@@ -61,3 +65,21 @@ def test_scale_bench_runs_the_protocol_and_reports_both_loops(
         assert line["coordinator_threads_max"] < 40  # no thread per held call
     else:
         assert line["coordinator_loop_lag_ms"] is None
+
+
+def test_a_heartbeat_process_that_dies_is_reported_not_hidden() -> None:
+    """Its peers' heartbeats were not measured: the worker must say so (as its peers' errors),
+    not report a p99 over the other workers only, and must not crash on the broken pipe."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.scale import BeatLink
+    finally:
+        sys.path.remove(str(ROOT))
+    link = BeatLink("127.0.0.1:1")
+    link.proc.kill()
+    link.proc.wait()
+    for k in range(2000):  # enough to fill any pipe buffer: the writes must fail, not block
+        link.send(i=k, round=1)
+    beats, cpu, failure = link.results()
+    assert beats == {} and cpu == 0.0
+    assert failure is not None and "heartbeat process" in failure
