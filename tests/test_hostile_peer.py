@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import threading
 import time
@@ -120,8 +121,12 @@ def test_far_round_flood_is_refused_at_once_and_the_run_completes(tmp_path: Path
 
         c.wait_for_log("peer-0", "model ready")  # no start-up growth in what follows
         flood(200)  # warm-up: gRPC's and the server's thread pools grow to their size once
-        first = flood(200)
-        assert flood(200) - first < 15  # flat: nothing is held per refused call
+        # Flat: nothing is held per refused call. A leak would grow RSS at every step; a
+        # one-off step (an allocator arena touched late, seen once in CI: +23 MB) does not
+        # recur, so the smallest of three steps is what tells them apart.
+        samples = [flood(200) for _ in range(4)]
+        steps = [b - a for a, b in itertools.pairwise(samples)]
+        assert min(steps) < 15, samples
         c.start_peer(1)
         c.start_peer(2)
         assert_completed(c, 3)  # peer-0 serves its experts to both: its threads are free
