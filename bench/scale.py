@@ -79,6 +79,7 @@ from fedmoe.common.grpc_options import CHANNEL_OPTIONS  # noqa: E402
 from fedmoe.common.model_schema import model_schema  # noqa: E402
 from fedmoe.common.proto import pb, rpc  # noqa: E402
 from fedmoe.common.tensors import chunk_tensors, numpy_to_wire  # noqa: E402
+from fedmoe.peer.coordinator_client import LIVENESS_TIMEOUT  # noqa: E402
 
 LISTENING = "FEDMOE_LISTENING "
 # The worker processes (1,000 peers' uploads, result streams and reports: more CPU than the
@@ -228,7 +229,6 @@ class BeatLink:
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-
         self.failure: str | None = None  # why it stopped answering, once it did
 
     def send(self, **message: Any) -> None:
@@ -300,8 +300,11 @@ class Beater:
             ch = grpc.insecure_channel(f"{host}:{self.port}", options=PEER_CHANNEL_OPTIONS)
             self.channels.append(ch)
             beat, liveness = rpc.LivenessStub(ch).Heartbeat, True
-        full = max(5.0, 2 * self.every)  # the real client's deadline; a quarter, 0.25-2 s, for
-        quarter = max(0.25, min(2.0, full / 4))  # the liveness process
+        # The real peer's deadlines (peer/runner.py, peer/coordinator_client.py): two intervals
+        # for the coordinator, a quarter of that, clamped, for the liveness process.
+        full = 2 * self.every
+        low, high = LIVENESS_TIMEOUT
+        quarter = max(low, min(high, full / 4))
         delay = 0.0
         while not self.stop.wait(delay):
             started = time.perf_counter()
@@ -317,13 +320,10 @@ class Beater:
                     stub.Heartbeat(request, metadata=self.md, timeout=full)
                 self.ms.append(1000 * (time.perf_counter() - started))
                 self.at.append(at)
-            except grpc.RpcError as e:
-                self.errors += 1
-                code = e.code().name  # type: ignore[attr-defined]
-                self.codes[code] = self.codes.get(code, 0) + 1
             except Exception as e:  # counted, never the silent end of this peer's heartbeats
                 self.errors += 1
-                code = type(e).__name__
+                rpc_error = isinstance(e, grpc.RpcError)
+                code = e.code().name if rpc_error else type(e).__name__  # type: ignore[attr-defined]
                 self.codes[code] = self.codes.get(code, 0) + 1
             # A fixed cadence, as a peer's heartbeat thread keeps: the next beat is due one
             # interval after this one started.
